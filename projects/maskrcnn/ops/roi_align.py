@@ -1,0 +1,149 @@
+"""RoIAlign over a feature pyramid as one gather (no per-level loop).
+
+Follows the semantics of torchvision's roi_align (bilinear sampling at a fixed
+number of points per bin, averaged; zero outside the map) and the FPN level
+rule of Detectron2's ROIPooler. The pyramid is flattened into one [sum HW, C]
+table per image and each box reads only the level it is assigned to, the
+multilevel_crop_and_resize design of tensorflow/tpu.
+"""
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def assign_levels(boxes: jnp.ndarray, min_level: int, max_level: int,
+                  canonical_size: float = 224.0, canonical_level: int = 4
+                  ) -> jnp.ndarray:
+    """FPN level of each [..., 4] box: floor(4 + log2(sqrt(area) / 224)), clamped."""
+    w = boxes[..., 2] - boxes[..., 0]
+    h = boxes[..., 3] - boxes[..., 1]
+    size = jnp.sqrt(jnp.maximum(w * h, 0.0))
+    level = jnp.floor(canonical_level + jnp.log2(size / canonical_size + 1e-8))
+    return jnp.clip(level, min_level, max_level).astype(jnp.int32)
+
+
+def _axis_samples(start, length, out_size, ratio, limit):
+    """Sample coordinates along one axis and their bilinear corners.
+
+    Args:
+      start, length: [R] box start and extent in feature-map units.
+      out_size: bins along the axis. ratio: samples per bin.
+      limit: [R] feature-map size along the axis (of each box's level).
+
+    Returns:
+      low, high: [R, P] int32 neighbouring indices; w_low, w_high: [R, P]
+      weights (zero for samples that fall outside the map). P = out_size * ratio.
+    """
+    steps = (jnp.arange(out_size * ratio, dtype=jnp.float32) + 0.5) / ratio
+    coord = start[:, None] + steps[None, :] * (length / out_size)[:, None]
+    limit = limit[:, None].astype(jnp.float32)
+    inside = (coord >= -1.0) & (coord <= limit)
+    coord = jnp.maximum(coord, 0.0)
+    low = jnp.floor(coord)
+    at_edge = low >= limit - 1
+    low = jnp.where(at_edge, limit - 1, low)
+    high = jnp.where(at_edge, limit - 1, low + 1)
+    coord = jnp.where(at_edge, low, coord)
+    frac = coord - low
+    w_low = jnp.where(inside, 1.0 - frac, 0.0)
+    w_high = jnp.where(inside, frac, 0.0)
+    return low.astype(jnp.int32), high.astype(jnp.int32), w_low, w_high
+
+
+def multilevel_roi_align(features: Sequence[jnp.ndarray], strides: Sequence[int],
+                         boxes: jnp.ndarray, output_size: int, sampling_ratio: int,
+                         aligned: bool, min_level: int,
+                         canonical_size: float = 224.0, canonical_level: int = 4
+                         ) -> jnp.ndarray:
+    """Pools [R, 4] boxes from one image's pyramid.
+
+    Args:
+      features: L arrays [H_l, W_l, C], finest first, for levels
+        min_level .. min_level + L - 1.
+      strides: L strides (2 ** level).
+      boxes: [R, 4] xyxy in image pixels.
+      output_size: bins per side (7 for boxes, 14 for masks).
+      sampling_ratio: bilinear samples per bin and axis (> 0: static shapes).
+      aligned: shift by half a pixel (Detectron2's ROIAlignV2) when True.
+      min_level: pyramid level of features[0].
+
+    Returns:
+      [R, output_size, output_size, C].
+    """
+    if sampling_ratio <= 0:
+        raise ValueError(f'sampling_ratio must be positive for static shapes, got {sampling_ratio}')
+    num_levels = len(features)
+    channels = features[0].shape[-1]
+    table = jnp.concatenate([f.reshape(-1, channels) for f in features], axis=0)
+    offsets = jnp.asarray(
+        [0] + [f.shape[0] * f.shape[1] for f in features[:-1]]).cumsum()
+    heights = jnp.asarray([f.shape[0] for f in features])
+    widths = jnp.asarray([f.shape[1] for f in features])
+
+    level = assign_levels(boxes, min_level, min_level + num_levels - 1,
+                          canonical_size, canonical_level) - min_level
+    scale = 1.0 / jnp.asarray(strides, jnp.float32)[level]
+    shift = 0.5 if aligned else 0.0
+    x0 = boxes[:, 0] * scale - shift
+    y0 = boxes[:, 1] * scale - shift
+    bw = boxes[:, 2] * scale - shift - x0
+    bh = boxes[:, 3] * scale - shift - y0
+    if not aligned:  # torchvision's legacy mode forces boxes to at least 1x1.
+        bw = jnp.maximum(bw, 1.0)
+        bh = jnp.maximum(bh, 1.0)
+    h_l, w_l = heights[level], widths[level]
+    y_lo, y_hi, wy_lo, wy_hi = _axis_samples(y0, bh, output_size, sampling_ratio, h_l)
+    x_lo, x_hi, wx_lo, wx_hi = _axis_samples(x0, bw, output_size, sampling_ratio, w_l)
+
+    base = offsets[level][:, None, None]
+    row_stride = w_l[:, None, None]
+
+    def gather(ys, xs):
+        idx = base + ys[:, :, None] * row_stride + xs[:, None, :]
+        return table[idx]  # [R, P, P, C]
+
+    out = (gather(y_lo, x_lo) * (wy_lo[:, :, None] * wx_lo[:, None, :])[..., None]
+           + gather(y_lo, x_hi) * (wy_lo[:, :, None] * wx_hi[:, None, :])[..., None]
+           + gather(y_hi, x_lo) * (wy_hi[:, :, None] * wx_lo[:, None, :])[..., None]
+           + gather(y_hi, x_hi) * (wy_hi[:, :, None] * wx_hi[:, None, :])[..., None])
+    r = boxes.shape[0]
+    out = out.reshape(r, output_size, sampling_ratio, output_size, sampling_ratio, channels)
+    return out.mean(axis=(2, 4))
+
+
+def crop_and_resize_masks(masks: jnp.ndarray, mask_boxes: jnp.ndarray,
+                          crop_boxes: jnp.ndarray, output_size: int) -> jnp.ndarray:
+    """Resamples box-aligned masks onto other boxes.
+
+    The ground-truth masks come from the host already cropped to their own box
+    (`mask_boxes`) at a fixed S x S resolution; a mask target for an RoI reads
+    that crop at the RoI's box, one bilinear sample per output pixel centre.
+
+    Args:
+      masks: [R, S, S] crops, pixel (i, j) covering the (i, j) cell of its box.
+      mask_boxes: [R, 4] xyxy boxes the crops cover.
+      crop_boxes: [R, 4] xyxy boxes to read.
+      output_size: side of the result.
+
+    Returns:
+      [R, output_size, output_size] in [0, 1]; zero outside the mask box.
+    """
+    s = masks.shape[-1]
+    mw = jnp.maximum(mask_boxes[:, 2] - mask_boxes[:, 0], 1e-6)
+    mh = jnp.maximum(mask_boxes[:, 3] - mask_boxes[:, 1], 1e-6)
+    # Crop box in the crop's pixel units, where pixel centres sit at k + 0.5.
+    x0 = (crop_boxes[:, 0] - mask_boxes[:, 0]) / mw * s - 0.5
+    y0 = (crop_boxes[:, 1] - mask_boxes[:, 1]) / mh * s - 0.5
+    bw = (crop_boxes[:, 2] - crop_boxes[:, 0]) / mw * s
+    bh = (crop_boxes[:, 3] - crop_boxes[:, 1]) / mh * s
+    limit = jnp.full(masks.shape[:1], s)
+    y_lo, y_hi, wy_lo, wy_hi = _axis_samples(y0, bh, output_size, 1, limit)
+    x_lo, x_hi, wx_lo, wx_hi = _axis_samples(x0, bw, output_size, 1, limit)
+
+    def one(mask, ylo, yhi, wylo, wyhi, xlo, xhi, wxlo, wxhi):
+        rows = mask[ylo] * wylo[:, None] + mask[yhi] * wyhi[:, None]   # [P, S]
+        return rows[:, xlo] * wxlo[None, :] + rows[:, xhi] * wxhi[None, :]
+
+    return jax.vmap(one)(masks, y_lo, y_hi, wy_lo, wy_hi, x_lo, x_hi, wx_lo, wx_hi)
