@@ -1,0 +1,78 @@
+"""Mask R-CNN losses, computed from the detector's training outputs.
+
+Normalisation follows Detectron2: RPN terms are divided by the number of
+sampled anchors (256 per image), box-head terms by the number of sampled RoIs,
+the mask term is the mean over foreground RoIs and pixels. Box regression uses
+smooth L1 with `beta` (0 gives plain L1, Detectron2's default).
+"""
+
+import jax.numpy as jnp
+import optax
+
+LOSS_TERMS = ('rpn_cls', 'rpn_box', 'roi_cls', 'roi_box', 'mask')
+
+
+def smooth_l1(x: jnp.ndarray, beta: float) -> jnp.ndarray:
+    ax = jnp.abs(x)
+    if beta <= 0:
+        return ax
+    return jnp.where(ax < beta, 0.5 * ax * ax / beta, ax - 0.5 * beta)
+
+
+def _safe_div(a, b):
+    return a / jnp.maximum(b, 1.0)
+
+
+def rpn_losses(out: dict, beta: float = 0.0) -> dict[str, jnp.ndarray]:
+    """Objectness BCE and box regression over the sampled anchors."""
+    weights = out['rpn_weights']
+    normaliser = weights.sum()
+    bce = optax.sigmoid_binary_cross_entropy(out['rpn_logits'], out['rpn_labels'])
+    box = smooth_l1(out['rpn_deltas'] - out['rpn_box_targets'], beta).sum(-1)
+    return {
+        'rpn_cls': _safe_div((bce * weights).sum(), normaliser),
+        'rpn_box': _safe_div((box * out['rpn_is_positive']).sum(), normaliser),
+    }
+
+
+def box_head_losses(out: dict, beta: float = 0.0) -> dict[str, jnp.ndarray]:
+    """Softmax cross-entropy over K + 1 classes and class-specific box regression."""
+    valid = out['roi_valid'].astype(jnp.float32)
+    normaliser = valid.sum()
+    ce = optax.softmax_cross_entropy_with_integer_labels(out['roi_cls_logits'],
+                                                         out['roi_classes'])
+    box = smooth_l1(out['roi_box_deltas'] - out['roi_box_targets'], beta).sum(-1)
+    return {
+        'roi_cls': _safe_div((ce * valid).sum(), normaliser),
+        'roi_box': _safe_div((box * out['roi_is_positive']).sum(), normaliser),
+    }
+
+
+def mask_loss(out: dict) -> dict[str, jnp.ndarray]:
+    """Per-pixel BCE on the ground-truth class's mask, foreground RoIs only."""
+    valid = out['mask_valid'].astype(jnp.float32)
+    bce = optax.sigmoid_binary_cross_entropy(out['mask_logits'], out['mask_targets'])
+    per_roi = bce.mean(axis=(-2, -1))
+    return {'mask': _safe_div((per_roi * valid).sum(), valid.sum())}
+
+
+def total_loss(out: dict, weights: dict[str, float], rpn_beta: float = 0.0,
+               roi_beta: float = 0.0) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """Weighted sum of every term; returns (total, {term: unweighted value})."""
+    terms = {**rpn_losses(out, rpn_beta), **box_head_losses(out, roi_beta), **mask_loss(out)}
+    total = sum(weights.get(name, 1.0) * value for name, value in terms.items())
+    return total, terms
+
+
+def count_foreground(out: dict) -> dict[str, jnp.ndarray]:
+    """Sampling statistics worth watching next to the losses."""
+    return {
+        'num_fg_anchors': out['rpn_is_positive'].sum(-1).mean().astype(jnp.float32),
+        'num_fg_rois': out['roi_is_positive'].sum(-1).mean().astype(jnp.float32),
+        'num_proposals': out['num_proposals'].mean(),
+        'roi_cls_accuracy': _safe_div(
+            ((jnp.argmax(out['roi_cls_logits'], -1) == out['roi_classes'])
+             * out['roi_valid']).sum(), out['roi_valid'].sum()),
+    }
+
+

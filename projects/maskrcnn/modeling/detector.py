@@ -1,0 +1,245 @@
+"""Mask R-CNN: ResNet + FPN + RPN + RoIAlign + box head + mask head.
+
+Shape shorthand (see CONVENTIONS.md): B images, L pyramid levels, A anchors per
+image, S sampled anchors, P proposals, R sampled RoIs, F mask slots, D detections,
+K foreground classes. Naming: `pred_*` network outputs, `gt_*` ground truth,
+`matched_*` ground truth gathered per anchor or RoI.
+
+In training the module also assigns targets (it must: RoIs are sampled from its
+own proposals), and returns predictions next to their targets for losses.py.
+"""
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from projects.maskrcnn.modeling import specs
+from projects.maskrcnn.modeling.backbones.resnet import ResNet
+from projects.maskrcnn.modeling.heads.bbox_head import BoxHead
+from projects.maskrcnn.modeling.heads.mask_head import MaskHead
+from projects.maskrcnn.modeling.heads.rpn import RPNHead
+from projects.maskrcnn.modeling.necks.fpn import FPN
+from projects.maskrcnn.ops import anchors as anchor_ops
+from projects.maskrcnn.ops import boxes as box_ops
+from projects.maskrcnn.ops import nms as nms_ops
+from projects.maskrcnn.ops import roi_align
+from projects.maskrcnn.ops import targets as target_ops
+
+MIN_LEVEL = 2  # P2 has stride 4.
+
+
+def _pad_last(x, size, value):
+    pad = size - x.shape[-1]
+    return x if pad == 0 else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)],
+                                      constant_values=value)
+
+
+def generate_proposals(logits: list[jnp.ndarray], deltas: list[jnp.ndarray],
+                       anchors: list[np.ndarray], image_sizes: jnp.ndarray,
+                       spec: specs.RPNSpec, train: bool
+                       ) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Per-level top-k, decode, clip, per-level NMS, then top-k per image.
+
+    Follows Detectron2's find_top_rpn_proposals, with every level's NMS
+    batched into one call.
+
+    Args:
+      logits: L arrays [B, A_l]. deltas: L arrays [B, A_l, 4].
+      anchors: L arrays [A_l, 4]. image_sizes: [B, 2] (h, w) before padding.
+
+    Returns:
+      proposals [B, P, 4] sorted by score, and their validity [B, P].
+    """
+    pre_k = spec.pre_nms_topk_train if train else spec.pre_nms_topk_test
+    post_k = spec.post_nms_topk_train if train else spec.post_nms_topk_test
+    ks = [min(pre_k, a.shape[0]) for a in anchors]
+    k_max = max(ks)
+    level_boxes, level_scores, level_valid = [], [], []
+    for logit, delta, anchor, k in zip(logits, deltas, anchors, ks):
+        scores, idx = jax.lax.top_k(logit, k)                       # [B, k]
+        boxes = box_ops.decode_boxes(jnp.take_along_axis(delta, idx[..., None], axis=1),
+                                     jnp.asarray(anchor)[idx], spec.box_weights)
+        boxes = box_ops.clip_boxes(boxes, image_sizes[:, None, :])
+        w = boxes[..., 2] - boxes[..., 0]
+        h = boxes[..., 3] - boxes[..., 1]
+        valid = (w > spec.min_box_size) & (h > spec.min_box_size) & jnp.isfinite(scores)
+        level_boxes.append(jnp.pad(boxes, ((0, 0), (0, k_max - k), (0, 0))))
+        level_scores.append(_pad_last(scores, k_max, -jnp.inf))
+        level_valid.append(_pad_last(valid, k_max, False))
+    boxes = jnp.stack(level_boxes, 1)    # [B, L, k_max, 4]
+    scores = jnp.stack(level_scores, 1)
+    valid = jnp.stack(level_valid, 1)
+    nms = jax.vmap(jax.vmap(lambda b, s, v: nms_ops.nms_mask(b, s, v, spec.nms_threshold)))
+    keep = nms(boxes, scores, valid)
+    b = boxes.shape[0]
+    flat_scores = jnp.where(keep, scores, -jnp.inf).reshape(b, -1)
+    k = min(post_k, flat_scores.shape[1])
+    top_scores, top_idx = jax.lax.top_k(flat_scores, k)
+    proposals = jnp.take_along_axis(boxes.reshape(b, -1, 4), top_idx[..., None], axis=1)
+    return jax.lax.stop_gradient(proposals), jnp.isfinite(top_scores)
+
+
+class MaskRCNN(nn.Module):
+    """The detector. `num_classes` counts foreground classes only."""
+    num_classes: int
+    backbone: specs.BackboneSpec = specs.BackboneSpec()
+    fpn: specs.FPNSpec = specs.FPNSpec()
+    anchors: specs.AnchorSpec = specs.AnchorSpec()
+    rpn: specs.RPNSpec = specs.RPNSpec()
+    roi_heads: specs.ROIHeadsSpec = specs.ROIHeadsSpec()
+    box_head: specs.BoxHeadSpec = specs.BoxHeadSpec()
+    mask_head: specs.MaskHeadSpec = specs.MaskHeadSpec()
+    test: specs.TestSpec = specs.TestSpec()
+    dtype: Any = jnp.float32
+
+    def setup(self):
+        self.body = ResNet(**dataclasses.asdict(self.backbone), dtype=self.dtype)
+        self.neck = FPN(self.fpn.channels, self.fpn.norm, dtype=self.dtype)
+        self.rpn_head = RPNHead(len(self.anchors.sizes[0]) * len(self.anchors.aspect_ratios),
+                                self.rpn.num_convs, dtype=self.dtype)
+        self.box_predictor = BoxHead(self.num_classes, self.box_head.fc_dim,
+                                     self.box_head.num_fc, self.box_head.class_agnostic,
+                                     dtype=self.dtype)
+        m = self.mask_head
+        self.mask_predictor = MaskHead(self.num_classes, m.conv_dim, m.num_convs,
+                                       m.upsample, m.norm, m.class_agnostic, dtype=self.dtype)
+
+    def __call__(self, images: jnp.ndarray, image_sizes: jnp.ndarray,
+                 gt: dict[str, jnp.ndarray] | None = None, train: bool = False
+                 ) -> dict[str, jnp.ndarray]:
+        """Runs the detector.
+
+        Args:
+          images: [B, H, W, 3] normalised, padded images.
+          image_sizes: [B, 2] (h, w) of the images before padding.
+          gt: with `train`, the batch's `gt_boxes`, `gt_classes`, `gt_valid`, `gt_masks`.
+          train: training mode (targets, sampling, batch-norm updates).
+
+        Returns:
+          In training, predictions with their targets (keys `rpn_*`, `roi_*`,
+          `mask_*`, see `_train_outputs`); otherwise detections: `detection_boxes`
+          [B, D, 4], `detection_scores` [B, D], `detection_classes` [B, D] (1..K),
+          `detection_valid` [B, D] and `detection_masks` [B, D, 28, 28] probabilities.
+        """
+        features = self.neck(self.body(images, train=train), train=train)
+        if len(features) != len(self.anchors.sizes):
+            raise ValueError(f'model.anchors.sizes has {len(self.anchors.sizes)} levels '
+                             f'but the FPN gives {len(features)}')
+        strides = [2 ** (MIN_LEVEL + i) for i in range(len(features))]
+        anchors = anchor_ops.pyramid_anchors(
+            [f.shape[1:3] for f in features], strides, self.anchors.sizes,
+            self.anchors.aspect_ratios, self.anchors.offset)
+        logits, deltas = self.rpn_head(features)
+        image_sizes = image_sizes.astype(jnp.float32)
+        proposals, proposals_valid = generate_proposals(
+            logits, deltas, anchors, image_sizes, self.rpn, train)
+        pooled_levels = features[:4]  # RoIs read P2..P5
+        if train:
+            return self._train_outputs(pooled_levels, strides[:4], logits, deltas, anchors,
+                                       proposals, proposals_valid, gt)
+        return self._inference(pooled_levels, strides[:4], proposals, proposals_valid,
+                               image_sizes)
+
+    def _pool(self, features, strides, boxes, resolution):
+        r = self.roi_heads
+        fn = lambda feats, b: roi_align.multilevel_roi_align(
+            feats, strides, b, resolution, r.sampling_ratio, r.aligned, MIN_LEVEL,
+            r.canonical_size, r.canonical_level)
+        return jax.vmap(fn)(features, boxes)
+
+    def _class_channel(self, per_class, classes):
+        """Picks each RoI's class from [..., K or 1, ...]-shaped predictions."""
+        if per_class.shape[-1 if per_class.ndim == 5 else -2] == 1:
+            classes = jnp.ones_like(classes)
+        idx = jnp.maximum(classes - 1, 0)
+        if per_class.ndim == 5:  # masks [B, F, M, M, K]
+            return jnp.take_along_axis(per_class, idx[:, :, None, None, None], axis=-1)[..., 0]
+        return jnp.take_along_axis(per_class, idx[:, :, None, None], axis=-2)[..., 0, :]
+
+    def _train_outputs(self, features, strides, logits, deltas, anchors,
+                       proposals, proposals_valid, gt):
+        b = proposals.shape[0]
+        rpn_rng, roi_rng = jax.random.split(self.make_rng('sampling'))
+        all_anchors = jnp.asarray(np.concatenate(anchors, 0))
+        rpn = jax.vmap(lambda key, boxes, valid: target_ops.rpn_targets(
+            key, all_anchors, boxes, valid, iou_thresholds=self.rpn.iou_thresholds,
+            batch_size_per_image=self.rpn.batch_size_per_image,
+            positive_fraction=self.rpn.positive_fraction,
+            box_weights=self.rpn.box_weights))(
+                jax.random.split(rpn_rng, b), gt['gt_boxes'], gt['gt_valid'])
+        all_logits = jnp.concatenate(logits, 1)
+        all_deltas = jnp.concatenate(deltas, 1)
+        r = self.roi_heads
+        roi = jax.vmap(lambda key, p, pv, gb, gc, gv: target_ops.roi_targets(
+            key, p, pv, gb, gc, gv, fg_iou_threshold=r.fg_iou_threshold,
+            bg_iou_low=r.bg_iou_low, batch_size_per_image=r.batch_size_per_image,
+            positive_fraction=r.positive_fraction, append_gt_boxes=r.append_gt_boxes))(
+                jax.random.split(roi_rng, b), proposals, proposals_valid,
+                gt['gt_boxes'], gt['gt_classes'], gt['gt_valid'])
+        roi = jax.tree_util.tree_map(jax.lax.stop_gradient, roi)
+        cls_logits, box_deltas = self.box_predictor(
+            self._pool(features, strides, roi['boxes'], r.box_resolution))
+        matched_boxes = jnp.take_along_axis(gt['gt_boxes'], roi['matched_gt'][..., None], 1)
+        box_targets = box_ops.encode_boxes(matched_boxes, roi['boxes'],
+                                           self.box_head.box_weights)
+
+        fg_idx, fg_valid = jax.vmap(
+            lambda t: target_ops.select_foreground(t, self.mask_head.num_fg_slots))(roi)
+        take = lambda x: jnp.take_along_axis(x, fg_idx.reshape(fg_idx.shape + (1,) * (x.ndim - 2)), 1)
+        fg_boxes, fg_classes, fg_matched = take(roi['boxes']), take(roi['classes']), take(roi['matched_gt'])
+        mask_logits = jax.vmap(lambda x: self.mask_predictor(x, train=True))(
+            self._pool(features, strides, fg_boxes, r.mask_resolution))
+        mask_size = mask_logits.shape[2]
+        mask_targets = jax.vmap(lambda m, gb, mi, rb: target_ops.mask_targets(
+            m, gb, mi, rb, mask_size))(gt['gt_masks'], gt['gt_boxes'], fg_matched, fg_boxes)
+        return {
+            'rpn_logits': jnp.take_along_axis(all_logits, rpn['indices'], 1),
+            'rpn_deltas': jnp.take_along_axis(all_deltas, rpn['indices'][..., None], 1),
+            'rpn_labels': rpn['labels'], 'rpn_weights': rpn['weights'],
+            'rpn_is_positive': rpn['is_positive'], 'rpn_box_targets': rpn['box_targets'],
+            'roi_cls_logits': cls_logits, 'roi_classes': roi['classes'],
+            'roi_valid': roi['valid'], 'roi_is_positive': roi['is_positive'],
+            'roi_box_deltas': self._class_channel(box_deltas, roi['classes']),
+            'roi_box_targets': jax.lax.stop_gradient(box_targets),
+            'mask_logits': self._class_channel(mask_logits, fg_classes),
+            'mask_targets': jax.lax.stop_gradient(mask_targets), 'mask_valid': fg_valid,
+            'num_proposals': proposals_valid.sum(-1).astype(jnp.float32),
+        }
+
+    def _inference(self, features, strides, proposals, proposals_valid, image_sizes):
+        t = self.test
+        cls_logits, box_deltas = self.box_predictor(
+            self._pool(features, strides, proposals, self.roi_heads.box_resolution))
+        scores = jax.nn.softmax(cls_logits, axis=-1)[..., 1:]               # [B, P, K]
+        boxes = box_ops.decode_boxes(box_deltas, proposals[:, :, None, :],
+                                     self.box_head.box_weights)            # [B, P, K|1, 4]
+        boxes = box_ops.clip_boxes(boxes, image_sizes[:, None, None, :])
+        boxes = jnp.broadcast_to(boxes, scores.shape + (4,))
+        nonempty = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+        valid = (scores > t.score_threshold) & proposals_valid[..., None] & nonempty
+        # One NMS per (image, class), all in one batched call.
+        to_class_major = lambda x: jnp.moveaxis(x, 2, 1)
+        nms = jax.vmap(jax.vmap(lambda b, s, v: nms_ops.nms_mask(b, s, v, t.nms_threshold)))
+        keep = nms(to_class_major(boxes), to_class_major(scores), to_class_major(valid))
+        b, k = scores.shape[0], scores.shape[-1]
+        flat_scores = jnp.where(keep, to_class_major(scores), -jnp.inf).reshape(b, -1)
+        num_det = min(t.detections_per_image, flat_scores.shape[1])
+        det_scores, det_idx = jax.lax.top_k(flat_scores, num_det)
+        det_boxes = jnp.take_along_axis(to_class_major(boxes).reshape(b, -1, 4),
+                                        det_idx[..., None], 1)
+        det_classes = (det_idx // proposals.shape[1] + 1).astype(jnp.int32)
+        det_valid = jnp.isfinite(det_scores)
+        mask_logits = jax.vmap(lambda x: self.mask_predictor(x, train=False))(
+            self._pool(features, strides, det_boxes, self.roi_heads.mask_resolution))
+        masks = jax.nn.sigmoid(self._class_channel(mask_logits, det_classes))
+        return {
+            'detection_boxes': det_boxes,
+            'detection_scores': jnp.where(det_valid, det_scores, 0.0),
+            'detection_classes': jnp.where(det_valid, det_classes, 0),
+            'detection_valid': det_valid,
+            'detection_masks': masks,
+        }

@@ -1,0 +1,96 @@
+"""Building blocks shared by the modeling files: convolutions and norm layers."""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+# Initialisers of the Caffe2/Detectron2 lineage: "MSRA" (He normal, fan_out)
+# for ReLU convolutions, "Xavier" (uniform, fan_in, gain 1) for FPN and FC layers.
+msra_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+xavier_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'uniform')
+
+NORMS = ('bn', 'frozen_bn', 'gn', 'none')
+
+
+class FrozenBatchNorm(nn.Module):
+    """Batch norm with fixed statistics and affine terms (pretrained backbones).
+
+    The four arrays live in the `frozen` collection: the optimiser never sees
+    them and checkpoint converters fill them from `running_mean` etc.
+    """
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        scale = self.variable('frozen', 'scale', jnp.ones, (c,), jnp.float32).value
+        bias = self.variable('frozen', 'bias', jnp.zeros, (c,), jnp.float32).value
+        mean = self.variable('frozen', 'mean', jnp.zeros, (c,), jnp.float32).value
+        var = self.variable('frozen', 'var', jnp.ones, (c,), jnp.float32).value
+        mult = scale / jnp.sqrt(var + self.epsilon)
+        return x * mult.astype(x.dtype) + (bias - mean * mult).astype(x.dtype)
+
+
+def group_count(channels: int, max_groups: int = 32) -> int:
+    """The largest number of groups <= max_groups that divides `channels`."""
+    for groups in range(min(max_groups, channels), 0, -1):
+        if channels % groups == 0:
+            return groups
+    return 1
+
+
+def make_norm(norm: str, train: bool, dtype: Any, name: str, zero_init: bool = False):
+    """A norm layer by name: 'bn' (trainable, batch statistics over the whole
+    global batch under jit, i.e. SyncBN), 'frozen_bn', 'gn' (32 groups), 'none'."""
+    scale_init = nn.initializers.zeros if zero_init else nn.initializers.ones
+    if norm == 'bn':
+        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                            dtype=dtype, scale_init=scale_init, name=name)
+    if norm == 'frozen_bn':
+        return FrozenBatchNorm(name=name)
+    if norm == 'gn':
+        return lambda x: nn.GroupNorm(num_groups=group_count(x.shape[-1]), epsilon=1e-5,
+                                      dtype=dtype, scale_init=scale_init, name=name)(x)
+    if norm == 'none':
+        return lambda x: x
+    raise ValueError(f'unknown norm {norm!r}; expected one of {NORMS}')
+
+
+def conv(features: int, kernel: int, stride: int = 1, *, use_bias: bool = False,
+         dtype: Any = jnp.float32, kernel_init=msra_init, name: str | None = None):
+    """A convolution with PyTorch's symmetric padding (k // 2 on each side).
+
+    Flax's 'SAME' pads stride-2 convolutions asymmetrically; explicit padding
+    keeps feature maps aligned with the reference implementations.
+    """
+    pad = kernel // 2
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                   padding=((pad, pad), (pad, pad)), use_bias=use_bias, dtype=dtype,
+                   kernel_init=kernel_init, name=name)
+
+
+dense = functools.partial(nn.Dense, kernel_init=xavier_init)
+
+
+class Upsample2xConv(nn.Module):
+    """2x2 transposed convolution with stride 2 (the mask head's upsampling).
+
+    Its windows do not overlap, so it is one matmul followed by depth-to-space:
+    out[2i + a, 2j + b, o] = sum_c x[i, j, c] * kernel[a, b, c, o] + bias[o],
+    the arithmetic of PyTorch's ConvTranspose2d(k=2, s=2) with its weight
+    [c, o, a, b] stored as kernel[a, b, c, o]. (XLA's dilated-convolution path
+    for the same op is many times slower on CPU.)
+    """
+    features: int
+    dtype: Any = jnp.float32
+    kernel_init: Any = msra_init
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+        kernel = self.param('kernel', self.kernel_init, (2, 2, x.shape[-1], self.features))
+        bias = self.param('bias', nn.initializers.zeros, (self.features,))
+        y = jnp.einsum('nhwc,abco->nhawbo', x.astype(self.dtype), kernel.astype(self.dtype))
+        n, h, _, w, _, o = y.shape
+        return y.reshape(n, 2 * h, 2 * w, o) + bias.astype(self.dtype)

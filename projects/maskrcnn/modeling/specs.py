@@ -1,0 +1,109 @@
+"""Typed settings of the detector's parts, with Detectron2's R50-FPN defaults.
+
+These frozen dataclasses are the schema of `config.model`: model.py builds
+them from the config, so a misspelt key is an error that names it.
+"""
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneSpec:
+    depth: int = 50
+    width: int = 64
+    norm: str = 'frozen_bn'      # 'bn' (SyncBN under jit), 'frozen_bn', 'gn', 'none'
+    freeze_at: int = 2
+    stride_in_1x1: bool = False  # True for MSRA/Detectron2 weights
+
+
+@dataclasses.dataclass(frozen=True)
+class FPNSpec:
+    channels: int = 256
+    norm: str = 'none'
+
+
+@dataclasses.dataclass(frozen=True)
+class AnchorSpec:
+    sizes: tuple = ((32,), (64,), (128,), (256,), (512,))  # one tuple per level P2..P6
+    aspect_ratios: tuple = (0.5, 1.0, 2.0)
+    offset: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class RPNSpec:
+    num_convs: int = 1
+    iou_thresholds: tuple = (0.3, 0.7)
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    box_weights: tuple = (1.0, 1.0, 1.0, 1.0)
+    nms_threshold: float = 0.7
+    pre_nms_topk_train: int = 2000   # per level
+    post_nms_topk_train: int = 1000  # per image
+    pre_nms_topk_test: int = 1000
+    post_nms_topk_test: int = 1000
+    min_box_size: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ROIHeadsSpec:
+    batch_size_per_image: int = 512
+    positive_fraction: float = 0.25
+    fg_iou_threshold: float = 0.5
+    bg_iou_low: float = 0.0          # 0.1 is the design document's Fast R-CNN option
+    append_gt_boxes: bool = True
+    box_resolution: int = 7
+    mask_resolution: int = 14
+    sampling_ratio: int = 2
+    aligned: bool = True
+    canonical_size: float = 224.0
+    canonical_level: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class BoxHeadSpec:
+    fc_dim: int = 1024
+    num_fc: int = 2
+    box_weights: tuple = (10.0, 10.0, 5.0, 5.0)
+    class_agnostic: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskHeadSpec:
+    conv_dim: int = 256
+    num_convs: int = 4
+    upsample: str = 'deconv'         # or 'bilinear'
+    norm: str = 'none'
+    num_fg_slots: int = 128          # RoIs given to the mask head in training
+    class_agnostic: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class TestSpec:
+    score_threshold: float = 0.05
+    nms_threshold: float = 0.5
+    detections_per_image: int = 100
+
+
+SPECS = {
+    'backbone': BackboneSpec, 'fpn': FPNSpec, 'anchors': AnchorSpec, 'rpn': RPNSpec,
+    'roi_heads': ROIHeadsSpec, 'box_head': BoxHeadSpec, 'mask_head': MaskHeadSpec,
+    'test': TestSpec,
+}
+
+
+def _freeze(value):
+    """Lists from a config become tuples, so that specs stay hashable."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def build_spec(name: str, values: dict):
+    """Builds `SPECS[name]` from a dict, naming any key it does not know."""
+    cls = SPECS[name]
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in known:
+            raise KeyError(f'unknown config key model.{name}.{key}; '
+                           f'known keys: {", ".join(sorted(known))}')
+    return cls(**{k: _freeze(v) for k, v in values.items()})
