@@ -1,0 +1,58 @@
+"""Base config: Mask R-CNN R50-FPN with Detectron2's 1x recipe (batch 16, 90k steps).
+
+Every other config imports this one and overrides a few fields; see
+demo_shapes.py. Not meant to be run directly: it names no dataset files.
+"""
+
+import ml_collections
+
+from projects.maskrcnn.model import default_model_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.experiment_name = 'maskrcnn_r50_fpn'
+    config.rng_seed = 0
+    config.dtype = 'float32'
+
+    config.dataset_name = 'coco_format'
+    config.dataset_configs = ml_collections.ConfigDict()
+    config.dataset_configs.data_dir = '~/tensorflow_datasets'
+    config.dataset_configs.image_size = (1344, 1344)  # static pad size, divisible by 64
+    config.dataset_configs.train_min_sizes = (640, 672, 704, 736, 768, 800)
+    config.dataset_configs.max_size = 1333
+    config.dataset_configs.eval_min_size = 800
+    config.dataset_configs.horizontal_flip = True
+    # torchvision's ImageNet statistics in 0-255 RGB units.
+    config.dataset_configs.pixel_mean = (123.675, 116.28, 103.53)
+    config.dataset_configs.pixel_std = (58.395, 57.12, 57.375)
+    config.dataset_configs.max_instances = 100
+    config.dataset_configs.gt_mask_size = 112
+
+    config.model = default_model_config()
+
+    config.batch_size = 16
+    config.eval_batch_size = 8
+    config.num_training_steps = 90_000
+    config.log_summary_steps = 20
+    config.log_eval_steps = 10_000
+    config.checkpoint_steps = 5_000
+    config.max_checkpoints_to_keep = 3
+
+    config.optimizer_configs = ml_collections.ConfigDict()
+    config.optimizer_configs.momentum = 0.9
+    config.optimizer_configs.weight_decay = 1e-4
+    config.optimizer_configs.weight_decay_norm = 0.0
+    config.optimizer_configs.grad_clip_norm = None
+
+    config.lr_configs = ml_collections.ConfigDict()
+    config.lr_configs.base_learning_rate = 0.02  # at batch 16; scale linearly
+    config.lr_configs.warmup_steps = 1000
+    config.lr_configs.warmup_factor = 0.001
+    config.lr_configs.decay_steps = (60_000, 80_000)
+    config.lr_configs.decay_factor = 0.1
+
+    config.init_from = ml_collections.ConfigDict()
+    config.init_from.checkpoint_path = None
+    config.eval_max_examples = None
+    return config

@@ -1,0 +1,44 @@
+"""Checks a config before anything is built: unknown keys and impossible values
+are one-line errors that name the key."""
+
+import ml_collections
+
+# Top-level keys the trainer reads (Scenic names where Scenic has one).
+TOP_LEVEL_KEYS = {
+    'experiment_name', 'rng_seed', 'dataset_name', 'dataset_configs', 'batch_size',
+    'eval_batch_size', 'num_training_steps', 'log_summary_steps', 'log_eval_steps',
+    'checkpoint_steps', 'max_checkpoints_to_keep', 'lr_configs', 'optimizer_configs',
+    'model', 'dtype', 'init_from', 'eval_max_examples', 'workdir_suffix', 'shuffle_seed',
+}
+LR_KEYS = {'base_learning_rate', 'warmup_steps', 'warmup_factor', 'decay_steps', 'decay_factor'}
+OPTIMIZER_KEYS = {'momentum', 'nesterov', 'weight_decay', 'weight_decay_norm', 'grad_clip_norm'}
+INIT_FROM_KEYS = {'checkpoint_path'}
+
+
+def _check_keys(section: ml_collections.ConfigDict, allowed: set[str], prefix: str) -> None:
+    for key in section.keys():
+        if key not in allowed:
+            raise KeyError(f'unknown config key {prefix}{key}; known keys: '
+                           f'{", ".join(sorted(allowed))}')
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+    """Raises KeyError/ValueError naming the first bad key or value."""
+    _check_keys(config, TOP_LEVEL_KEYS, 'config.')
+    _check_keys(config.lr_configs, LR_KEYS, 'config.lr_configs.')
+    _check_keys(config.optimizer_configs, OPTIMIZER_KEYS, 'config.optimizer_configs.')
+    if config.get('init_from') is not None:
+        _check_keys(config.init_from, INIT_FROM_KEYS, 'config.init_from.')
+    for key in ('batch_size', 'eval_batch_size'):
+        value = config.get(key)
+        if not value or value % num_devices:
+            raise ValueError(f'config.{key}={value} must be a positive multiple of the '
+                             f'{num_devices} devices')
+    for key in ('num_training_steps', 'log_summary_steps', 'checkpoint_steps'):
+        if config.get(key) is None or config.get(key) <= 0:
+            raise ValueError(f'config.{key}={config.get(key)} must be a positive integer')
+    image_size = tuple(config.dataset_configs.get('image_size', ()))
+    stride = 2 ** (len(config.model.anchors.sizes) + 1) if 'model' in config else 64
+    if len(image_size) != 2 or any(s % stride for s in image_size):
+        raise ValueError(f'config.dataset_configs.image_size={image_size} must be (H, W) '
+                         f'divisible by the largest FPN stride {stride}')

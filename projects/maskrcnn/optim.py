@@ -1,0 +1,74 @@
+"""Optimizer and learning-rate schedule of the Detectron2 recipes, with optax.
+
+SGD with momentum; weight decay added to the gradient (as PyTorch's SGD) and
+skipped for norm parameters; frozen backbone stages get no update at all;
+linear warmup from `warmup_factor`, then step decay.
+"""
+
+from typing import Any
+
+import flax
+import ml_collections
+import optax
+
+from projects.maskrcnn.modeling.backbones.resnet import frozen_prefixes
+
+
+def learning_rate_schedule(lr_configs: ml_collections.ConfigDict) -> optax.Schedule:
+    """lr(step) = base * warmup(step) * decay_factor ** (#decay_steps <= step)."""
+    base = lr_configs.base_learning_rate
+    warmup_steps = lr_configs.get('warmup_steps', 0)
+    warmup_factor = lr_configs.get('warmup_factor', 0.001)
+    boundaries = {int(s): lr_configs.get('decay_factor', 0.1)
+                  for s in lr_configs.get('decay_steps', ())}
+    decay = optax.piecewise_constant_schedule(base, boundaries)
+    if not warmup_steps:
+        return decay
+
+    def schedule(step):
+        alpha = optax.linear_schedule(warmup_factor, 1.0, warmup_steps)(step)
+        return alpha * decay(step)
+
+    return schedule
+
+
+def _is_norm(path: tuple[str, ...]) -> bool:
+    return any('norm' in p for p in path[:-1])
+
+
+def parameter_labels(params: Any, freeze_at: int) -> Any:
+    """'frozen', 'no_decay' (norm parameters) or 'decay' for every parameter."""
+    frozen = frozen_prefixes(freeze_at)
+    flat = flax.traverse_util.flatten_dict(params)
+    labels = {}
+    for path in flat:
+        if path[0] == 'body' and frozen and path[1].startswith(frozen):
+            labels[path] = 'frozen'
+        elif _is_norm(path):
+            labels[path] = 'no_decay'
+        else:
+            labels[path] = 'decay'
+    return flax.traverse_util.unflatten_dict(labels)
+
+
+def build_optimizer(config: ml_collections.ConfigDict, params: Any
+                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The optimizer for `params` and its learning-rate schedule."""
+    opt = config.optimizer_configs
+    schedule = learning_rate_schedule(config.lr_configs)
+
+    def sgd(weight_decay):
+        steps = []
+        if opt.get('grad_clip_norm'):
+            steps.append(optax.clip_by_global_norm(opt.grad_clip_norm))
+        if weight_decay:
+            steps.append(optax.add_decayed_weights(weight_decay))
+        steps.append(optax.sgd(schedule, momentum=opt.momentum, nesterov=opt.get('nesterov', False)))
+        return optax.chain(*steps)
+
+    freeze_at = config.model.backbone.get('freeze_at', 0)
+    tx = optax.multi_transform(
+        {'decay': sgd(opt.weight_decay), 'no_decay': sgd(opt.get('weight_decay_norm', 0.0)),
+         'frozen': optax.set_to_zero()},
+        parameter_labels(params, freeze_at))
+    return tx, schedule

@@ -1,0 +1,44 @@
+"""In-project stand-in for `scenic.app`, with the same contract.
+
+Flags `--config` (an ml_collections config file; `--config.key=value`
+overrides any field) and `--workdir`; `run(main)` calls
+`main(rng=PRNGKey(config.rng_seed), config=, workdir=, writer=)` with a clu
+metric writer that writes TensorBoard event files into the workdir.
+"""
+
+import functools
+import os
+
+from absl import app, flags, logging
+from clu import metric_writers
+import jax
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+
+config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
+                                lock_config=False)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, TensorBoard files and results.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def run(main) -> None:
+    app.run(functools.partial(_run_main, main=main))
+
+
+def _run_main(argv, *, main) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {" ".join(argv[1:])}')
+    # TensorFlow only feeds data here: keep it off any accelerator JAX uses.
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.set_visible_devices([], 'GPU')
+    config = FLAGS.config
+    workdir = FLAGS.workdir
+    if 'workdir_suffix' in config and config.workdir_suffix:
+        workdir = os.path.join(workdir, config.workdir_suffix)
+    logging.info('JAX process %d / %d, devices: %r', jax.process_index(),
+                 jax.process_count(), jax.devices())
+    rng = jax.random.PRNGKey(config.rng_seed)
+    writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0, asynchronous=True)
+    main(rng=rng, config=config, workdir=workdir, writer=writer)
