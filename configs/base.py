@@ -14,6 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.experiment_name = 'maskrcnn_r50_fpn'
     config.rng_seed = 0
     config.dtype = 'float32'
+    config.data_dtype_str = 'float32'  # Scenic's name for the input dtype
 
     config.dataset_name = 'coco_format'
     config.dataset_configs = ml_collections.ConfigDict()

@@ -8,7 +8,7 @@ TOP_LEVEL_KEYS = {
     'experiment_name', 'rng_seed', 'dataset_name', 'dataset_configs', 'batch_size',
     'eval_batch_size', 'num_training_steps', 'log_summary_steps', 'log_eval_steps',
     'checkpoint_steps', 'max_checkpoints_to_keep', 'lr_configs', 'optimizer_configs',
-    'model', 'dtype', 'init_from', 'eval_max_examples', 'workdir_suffix', 'shuffle_seed',
+    'model', 'dtype', 'init_from', 'eval_max_examples', 'workdir_suffix', 'shuffle_seed', 'data_dtype_str',
 }
 LR_KEYS = {'base_learning_rate', 'warmup_steps', 'warmup_factor', 'decay_steps', 'decay_factor'}
 OPTIMIZER_KEYS = {'momentum', 'nesterov', 'weight_decay', 'weight_decay_norm', 'grad_clip_norm'}

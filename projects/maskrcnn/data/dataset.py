@@ -104,6 +104,8 @@ def _build_dataset(builder: Any, val_annotations_file: str, cfg: dict[str, Any],
     import jax  # only for the process layout  # pylint: disable=g-import-not-at-top
 
     count, index = jax.process_count(), jax.process_index()
+    if shuffle_seed is None:  # Scenic passes config.get('shuffle_seed'), often unset
+        shuffle_seed = 0
     # As in Scenic, batch sizes given to a builder are per process already.
     for what, size in (('batch_size', batch_size), ('eval_batch_size', eval_batch_size)):
         if size % num_shards:
@@ -246,6 +248,6 @@ def get_dataset_from_config(config: Any, data_rng: Any) -> Any:
     return get_dataset(
         config.dataset_name, batch_size=config.batch_size // jax.process_count(),
         eval_batch_size=config.eval_batch_size // jax.process_count(),
-        num_shards=jax.local_device_count(), dtype_str='float32',
+        num_shards=jax.local_device_count(), dtype_str=config.get('data_dtype_str', 'float32'),
         shuffle_seed=config.get('shuffle_seed', config.rng_seed), rng=data_rng,
         dataset_configs=config.get('dataset_configs'))
