@@ -142,6 +142,16 @@ def crop_and_resize_masks(masks: jnp.ndarray, mask_boxes: jnp.ndarray,
     y_lo, y_hi, wy_lo, wy_hi = _axis_samples(y0, bh, output_size, 1, limit)
     x_lo, x_hi, wx_lo, wx_hi = _axis_samples(x0, bw, output_size, 1, limit)
 
+    # Unlike features, a mask is zero past its box edges (-0.5 and s - 0.5 here);
+    # the feature-map border rule of `_axis_samples` would extend the edge pixel.
+    def inside(start, length):
+        centres = (jnp.arange(output_size) + 0.5)[None, :] * (length / output_size)[:, None]
+        coord = start[:, None] + centres
+        return ((coord >= -0.5) & (coord <= s - 0.5)).astype(masks.dtype)
+
+    in_y, in_x = inside(y0, bh), inside(x0, bw)
+    wy_lo, wy_hi, wx_lo, wx_hi = wy_lo * in_y, wy_hi * in_y, wx_lo * in_x, wx_hi * in_x
+
     def one(mask, ylo, yhi, wylo, wyhi, xlo, xhi, wxlo, wxhi):
         rows = mask[ylo] * wylo[:, None] + mask[yhi] * wyhi[:, None]   # [P, S]
         return rows[:, xlo] * wxlo[None, :] + rows[:, xhi] * wxhi[None, :]

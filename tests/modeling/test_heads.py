@@ -1,0 +1,75 @@
+"""Tests for modeling/heads: mask head, box head and RPN head shapes and layout."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from projects.maskrcnn.modeling.heads.bbox_head import BoxHead
+from projects.maskrcnn.modeling.heads.mask_head import MaskHead
+from projects.maskrcnn.modeling.heads.rpn import RPNHead
+
+
+def _fill(shapes, seed=0):
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, s):
+        if path[-1].key == 'scale':
+            return jnp.ones(s.shape, s.dtype)
+        return jnp.asarray(rng.normal(0, 0.2, s.shape), s.dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+@pytest.mark.parametrize('upsample', ['deconv', 'bilinear'])
+@pytest.mark.parametrize('class_agnostic,out_channels', [(False, 3), (True, 1)])
+def test_mask_head_output_shape(upsample, class_agnostic, out_channels):
+    head = MaskHead(num_classes=3, conv_dim=8, num_convs=2, upsample=upsample,
+                    class_agnostic=class_agnostic)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(5, 14, 14, 6)), jnp.float32)
+    variables = _fill(jax.eval_shape(head.init, jax.random.PRNGKey(0), x))
+    assert ('deconv' in variables['params']) == (upsample == 'deconv')
+    out = head.apply(variables, x)
+    assert out.shape == (5, 28, 28, out_channels) and out.dtype == jnp.float32
+    assert np.all(np.isfinite(np.asarray(out)))
+
+
+def test_mask_head_unknown_upsample_is_an_error():
+    with pytest.raises(ValueError, match="upsample 'nearest'"):
+        jax.eval_shape(MaskHead(num_classes=2, upsample='nearest').init,
+                       jax.random.PRNGKey(0), jnp.zeros((1, 14, 14, 4)))
+
+
+@pytest.mark.parametrize('class_agnostic,num_reg', [(False, 4), (True, 1)])
+def test_box_head_output_shapes(class_agnostic, num_reg):
+    head = BoxHead(num_classes=4, fc_dim=16, class_agnostic=class_agnostic)
+    x = jnp.zeros((2, 6, 7, 7, 8))
+    logits, deltas = jax.eval_shape(head.init_with_output, jax.random.PRNGKey(0), x)[0]
+    assert logits.shape == (2, 6, 5)          # K + 1, background at 0
+    assert deltas.shape == (2, 6, num_reg, 4)
+
+
+def test_rpn_head_layout_matches_anchor_order():
+    # Objectness and deltas are flattened position-major, then anchor, as the
+    # anchors are: the output for (y, x, a) sits at (y * W + x) * A + a.
+    head = RPNHead(num_anchors=3)
+    feats = [jnp.asarray(np.random.default_rng(1).normal(size=(2, 4, 5, 6)), jnp.float32),
+             jnp.asarray(np.random.default_rng(2).normal(size=(2, 2, 3, 6)), jnp.float32)]
+    variables = _fill(jax.eval_shape(head.init, jax.random.PRNGKey(0), feats))
+    logits, deltas = head.apply(variables, feats)
+    assert [l.shape for l in logits] == [(2, 60), (2, 18)]
+    assert [d.shape for d in deltas] == [(2, 60, 4), (2, 18, 4)]
+    # Recompute the 1x1 predictors on the shared conv's output for one position.
+    p = variables['params']
+    hidden = jax.nn.relu(jax.lax.conv_general_dilated(
+        feats[0], p['conv0']['kernel'], (1, 1), ((1, 1), (1, 1)),
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + p['conv0']['bias'])
+    y, x = 2, 3
+    h = np.asarray(hidden[1, y, x])
+    obj = h @ np.asarray(p['objectness']['kernel'][0, 0]) + np.asarray(p['objectness']['bias'])
+    reg = h @ np.asarray(p['deltas']['kernel'][0, 0]) + np.asarray(p['deltas']['bias'])
+    for a in range(3):
+        np.testing.assert_allclose(logits[0][1, (y * 5 + x) * 3 + a], obj[a], rtol=1e-4,
+                                   atol=1e-4)
+        np.testing.assert_allclose(deltas[0][1, (y * 5 + x) * 3 + a], reg[4 * a:4 * a + 4],
+                                   rtol=1e-4, atol=1e-4)
