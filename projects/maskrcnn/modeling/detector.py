@@ -225,7 +225,7 @@ class MaskRCNN(nn.Module):
         to_class_major = lambda x: jnp.moveaxis(x, 2, 1)
         nms = jax.vmap(jax.vmap(lambda b, s, v: nms_ops.nms_mask(b, s, v, t.nms_threshold)))
         keep = nms(to_class_major(boxes), to_class_major(scores), to_class_major(valid))
-        b, k = scores.shape[0], scores.shape[-1]
+        b = scores.shape[0]
         flat_scores = jnp.where(keep, to_class_major(scores), -jnp.inf).reshape(b, -1)
         num_det = min(t.detections_per_image, flat_scores.shape[1])
         det_scores, det_idx = jax.lax.top_k(flat_scores, num_det)
