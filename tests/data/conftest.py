@@ -23,5 +23,5 @@ def shapes_builder(tmp_path_factory, shapes_files):
     data_dir = tmp_path_factory.mktemp('tfds')
     builder = coco_builder.build_coco_format_dataset('tiny_shapes', shapes_files,
                                                      str(data_dir))
-    assert os.path.isdir(os.path.join(str(data_dir), 'tiny_shapes', '1.0.0'))
+    assert os.path.isdir(os.path.join(str(data_dir), 'tiny_shapes', coco_builder.VERSION))
     return builder

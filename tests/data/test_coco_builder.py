@@ -10,6 +10,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from projects.maskrcnn.data import coco_builder
+from projects.maskrcnn.data import coco_json
+from projects.maskrcnn.data import validation
 
 
 def _examples(builder, split, **kwargs):
@@ -119,6 +121,7 @@ def test_hand_written_coco_maps_labels_and_decodes_all_formats(tmp_path):
     np.testing.assert_array_equal(first['category_id'], [5, 0])
     np.testing.assert_array_equal(first['label'], [2, 0])
     np.testing.assert_array_equal(first['is_crowd'], [False, True])
+    assert first['has_mask'].all()
     np.testing.assert_allclose(first['bbox'], [[2, 3, 12, 11], [20, 2, 27, 6]])
     polygon = first['mask'][0, ..., 0]
     assert polygon.shape == (20, 30) and set(np.unique(polygon)) == {0, 1}
@@ -146,18 +149,45 @@ def test_splits_with_different_categories_are_rejected(tmp_path):
             'bad_coco', {'train': train, 'val': val}, str(tmp_path / 'tfds'))
 
 
-def test_unknown_category_is_rejected(tmp_path):
+def test_unknown_category_is_counted_and_left_out(tmp_path):
     json_path, _ = _write_hand_coco(tmp_path, categories=[{'id': 5, 'name': 'five'}])
-    with pytest.raises(ValueError, match='unknown category 3'):
-        coco_builder.read_coco_annotations(json_path)
+    coco = coco_json.read_coco_annotations(json_path, 'train')
+    assert coco.report.counts == {'unknown_category': 2}
+    assert sorted(coco.report.examples['unknown_category']) == [12, 31]
+    assert [a['id'] for anns in coco.annotations.values() for a in anns] == [11]
 
 
-def test_decode_segmentation_formats_agree():
+def test_structural_errors_name_the_problem(tmp_path):
+    json_path, _ = _write_hand_coco(tmp_path)
+    coco = json.loads(open(json_path).read())
+    coco['images'].append(dict(coco['images'][0]))
+    (tmp_path / 'dup.json').write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match=r'duplicate image ids \[9\]'):
+        coco_json.read_coco_annotations(str(tmp_path / 'dup.json'))
+    (tmp_path / 'not_coco.json').write_text(json.dumps({'images': []}))
+    with pytest.raises(ValueError, match='not a COCO instances JSON'):
+        coco_json.read_coco_annotations(str(tmp_path / 'not_coco.json'))
+
+
+def test_segmentation_formats_agree():
     compressed = mask_utils.encode(np.asfortranarray(_RLE_MASK))
     as_str = {'size': [20, 30], 'counts': compressed['counts'].decode()}
+    report = validation.SplitReport('x')
     for seg in (compressed, as_str, _uncompressed_rle(_RLE_MASK)):
-        np.testing.assert_array_equal(coco_builder.decode_segmentation(seg, 20, 30), _RLE_MASK)
-    # Degenerate polygons (fewer than 3 points) give an empty mask instead of an error.
-    assert not coco_builder.decode_segmentation([[1, 1, 5, 5]], 20, 30).any()
-    with pytest.raises(ValueError, match='size'):
-        coco_builder.decode_segmentation(as_str, 30, 20)
+        usable, mask = validation.decode_segmentation({'id': 1, 'segmentation': seg}, 20, 30,
+                                                      report, {})
+        assert usable
+        np.testing.assert_array_equal(mask, _RLE_MASK)
+    assert report.counts == {}
+    # An RLE of another size than the image is dropped, not decoded.
+    assert validation.decode_segmentation({'id': 2, 'segmentation': as_str}, 30, 20,
+                                          report, {}) == (False, None)
+    assert report.counts == {'bad_segmentation': 1}
+
+
+def test_label_categories_skip_unused_background_and_rename_duplicates():
+    categories = [{'id': 0, 'name': '_background_'}, {'id': 1, 'name': 'car'},
+                  {'id': 2, 'name': 'Background'}, {'id': 7, 'name': 'car'}]
+    assert coco_json.label_categories(categories, used_ids={1, 2}) == [
+        {'id': 1, 'name': 'car (1)'}, {'id': 2, 'name': 'Background'},
+        {'id': 7, 'name': 'car (7)'}]

@@ -49,9 +49,16 @@ def test_shapes_end_to_end(data_dir):
 def test_unknown_config_key_is_an_error(data_dir):
     with pytest.raises(ValueError, match='num_trian'):
         _get(data_dir, num_trian=5)
-    with pytest.raises(ValueError, match='train_annotations'):
+    with pytest.raises(ValueError, match=r"\['val_annotations', 'val_images'\]"):
+        dataset.get_dataset('coco_format', batch_size=2, eval_batch_size=2, num_shards=1,
+                            dataset_configs={'data_dir': data_dir, 'train_annotations': 'a',
+                                             'train_images': 'b'})
+    # No paths: the dataset must be prepared under its name; the error says how.
+    with pytest.raises(FileNotFoundError, match='build_dataset --name=coco2017'):
         dataset.get_dataset('coco_format', batch_size=2, eval_batch_size=2, num_shards=1,
                             dataset_configs={'data_dir': data_dir})
+    with pytest.raises(ValueError, match='channel_order'):
+        _get(data_dir, channel_order='RBG')
     with pytest.raises(ValueError, match='not divisible'):
         dataset.get_dataset('shapes', batch_size=3, eval_batch_size=2, num_shards=2,
                             dataset_configs=dict(TINY_CONFIGS, data_dir=data_dir))
@@ -81,3 +88,16 @@ def test_train_iterator_save_and_restore_continue_the_stream(data_dir, tmp_path)
         assert set(got) == set(want)
         for key in want:
             np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_large_scale_jitter_and_bgr_from_dataset_configs(data_dir):
+    ds = _get(data_dir, large_scale_jitter=True, lsj_scale_range=(1.5, 2.0),
+              channel_order='BGR', pixel_mean=(103.53, 116.28, 123.675),
+              pixel_std=(1.0, 1.0, 1.0))
+    batch = next(ds.train_iter)
+    assert batch['image'].shape == (4, 48, 48, 3)
+    # Scaled to 1.5-2x the padded size and cropped: every image fills the padded size.
+    assert (batch['image_size'] == 48).all()
+    assert (batch['image_scale'] >= 1.5 - 1e-6).all() and batch['gt_has_mask'].dtype == bool
+    # Unscaled BGR pixels minus the MSRA mean stay within -124..152.
+    assert -124 <= batch['image'].min() and batch['image'].max() <= 152

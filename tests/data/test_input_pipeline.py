@@ -1,4 +1,4 @@
-"""Tests of the tf.data preprocessing (CONVENTIONS.md batch contract)."""
+"""Tests of the per-example transforms and the tf.data pipeline (CONVENTIONS.md batch)."""
 
 import io
 
@@ -9,6 +9,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from projects.maskrcnn.data import input_pipeline as ip
+from projects.maskrcnn.data import transforms
 
 MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 COMMON = dict(image_size=(64, 64), max_size=64, pixel_mean=MEAN, pixel_std=STD,
@@ -21,6 +22,7 @@ def _expected_spec(batch, m=6, s=14, h=64, w=64):
         'orig_size': ('int32', (batch, 2)), 'image_size': ('int32', (batch, 2)),
         'image_scale': ('float32', (batch,)), 'gt_boxes': ('float32', (batch, m, 4)),
         'gt_classes': ('int32', (batch, m)), 'gt_valid': ('bool', (batch, m)),
+        'gt_has_mask': ('bool', (batch, m)),
         'gt_masks': ('float32', (batch, m, s, s)), 'batch_mask': ('float32', (batch,)),
     }
 
@@ -84,8 +86,8 @@ def test_flip_flips_image_boxes_and_masks_together():
     example = _example([[10, 5, 40, 30]], [mask], labels=[2])
     kwargs = dict(min_size=40, max_size=60, image_size=(48, 64), pixel_mean=MEAN,
                   pixel_std=STD, max_instances=3, gt_mask_size=12, drop_invalid=True)
-    plain = _np(ip.resize_and_pad_example(example, flip=False, **kwargs))
-    flipped = _np(ip.resize_and_pad_example(example, flip=True, **kwargs))
+    plain = _np(transforms.resize_and_pad_example(example, flip=False, **kwargs))
+    flipped = _np(transforms.resize_and_pad_example(example, flip=True, **kwargs))
     new_h, new_w = plain['image_size']
     assert (new_h, new_w) == (40, 60)
     np.testing.assert_array_equal(flipped['image'][:new_h, :new_w],
@@ -104,7 +106,7 @@ def test_mask_crop_of_known_rectangle(encode):
                        [_rect_mask(20, 10, 50, 30, width=80)] * 2, height=40, width=80,
                        encode=encode)
     objects = example['objects']
-    crops = ip.crop_masks(objects['mask'], objects['bbox'], 40, 80, 14).numpy()
+    crops = transforms.crop_masks(objects['mask'], objects['bbox'], 40, 80, 14).numpy()
     assert crops.shape == (2, 14, 14)
     np.testing.assert_allclose(crops[0], 1.0)
     # A box twice as wide as the object: the object fills exactly the left 7 bins (bin
@@ -115,7 +117,7 @@ def test_mask_crop_of_known_rectangle(encode):
 
 def test_mask_crop_upsampling_at_the_image_border():
     mask = _rect_mask(0, 0, 4, 4)
-    crops = ip.crop_masks(tf.constant(mask[None, ..., None]), tf.constant([[0., 0, 4, 4]]),
+    crops = transforms.crop_masks(tf.constant(mask[None, ..., None]), tf.constant([[0., 0, 4, 4]]),
                           40, 60, 16).numpy()
     # The image-border side samples up to half a pixel outside the mask; clamping makes
     # them read the border pixel (1) instead of zero padding. The inner side is bilinear.
@@ -232,7 +234,7 @@ def test_keeps_the_first_max_instances():
 ])
 def test_resize_rules(min_size, max_size, image_size, scale, size):
     example = _example([[6, 4, 30, 20]], [_rect_mask(6, 4, 30, 20)])
-    out = _np(ip.resize_and_pad_example(
+    out = _np(transforms.resize_and_pad_example(
         example, min_size=min_size, max_size=max_size, flip=False, image_size=image_size,
         pixel_mean=MEAN, pixel_std=STD, max_instances=2, gt_mask_size=8,
         drop_invalid=True))
@@ -256,3 +258,107 @@ def test_image_without_instances(encode):
     assert _spec({k: v[None] for k, v in out.items()}) == _expected_spec(1)
     assert not out['gt_valid'].any() and not out['gt_classes'].any()
     assert not out['gt_masks'].any() and not out['gt_boxes'].any()
+
+
+def _notched_rect_example():
+    """Instances in a 40x60 image: a rectangle whose left part is missing, one far left."""
+    notched = _rect_mask(20, 10, 50, 30)
+    notched[:, 20:30] = 0  # the box still spans x 20..50
+    return _example([[20, 10, 50, 30], [0, 0, 8, 8]],
+                    [notched, _rect_mask(0, 0, 8, 8)], labels=[1, 2])
+
+
+def test_large_scale_jitter_crops_image_boxes_and_masks_together():
+    example = _notched_rect_example()
+    out = _np(transforms.large_scale_jitter_example(
+        example, scale_factor=2.0, crop_fraction=tf.constant([0.5, 0.5]), flip=False,
+        image_size=(64, 64), pixel_mean=MEAN, pixel_std=STD, max_instances=3,
+        gt_mask_size=14))
+    scale = 2.0 * 64 / 60  # fits 2x the padded size: the width binds
+    np.testing.assert_allclose(out['image_scale'], scale, rtol=1e-6)
+    # Resized to 85 x 128, leaving 21 x 64 pixels of room: the crop starts at (11, 32).
+    resized = tf.image.resize(example['image'], (85, 128)).numpy()
+    np.testing.assert_allclose(out['image'], (resized[11:75, 32:96] - MEAN) / STD, atol=1e-4)
+    np.testing.assert_array_equal(out['image_size'], [64, 64])
+    # The small instance lies left of the crop: dropped. The other is clipped at the crop's
+    # right edge (original x 45), and its mask is cropped to the clipped box.
+    np.testing.assert_array_equal(out['gt_classes'], [2, 0, 0])
+    np.testing.assert_allclose(out['gt_boxes'][0],
+                               [20 * scale - 32, 10 * scale - 11, 64, 30 * scale - 11],
+                               rtol=1e-5)
+    expected = transforms.crop_masks(example['objects']['mask'][:1],
+                                     tf.constant([[20., 10, 45, 30]]), 40, 60, 14).numpy()[0]
+    np.testing.assert_allclose(out['gt_masks'][0], expected, atol=1e-4)
+    # Bin centres 20 + (j + 0.5) * 25 / 14 lie left of x = 30 (the notch) for j <= 5.
+    np.testing.assert_allclose(out['gt_masks'][0][:, :5], 0.0)
+    np.testing.assert_allclose(out['gt_masks'][0][:, 7:], 1.0)
+
+
+def test_large_scale_jitter_below_the_padded_size_pads():
+    example = _notched_rect_example()
+    out = _np(transforms.large_scale_jitter_example(
+        example, scale_factor=0.5, crop_fraction=tf.constant([0.9, 0.9]), flip=True,
+        image_size=(64, 64), pixel_mean=MEAN, pixel_std=STD, max_instances=3,
+        gt_mask_size=14))
+    np.testing.assert_array_equal(out['image_size'], [21, 32])  # no crop at all
+    assert not out['image'][21:].any() and not out['image'][:, 32:].any()
+    scale = 32 / 60
+    np.testing.assert_allclose(out['gt_boxes'][:2], np.array(  # flipped in the 32 columns
+        [[32 - 50 * scale, 10 * scale, 32 - 20 * scale, 30 * scale],
+         [32 - 8 * scale, 0, 32, 8 * scale]]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(out['gt_valid'], [True, True, False])
+
+
+def test_large_scale_jitter_in_training_is_seeded_and_spans_the_range():
+    example = _notched_rect_example()
+    kwargs = dict(train_min_sizes=(40,), horizontal_flip=True, large_scale_jitter=True,
+                  lsj_scale_range=(0.5, 1.5), **COMMON)
+    factors = []
+    for i in range(12):
+        seed = tf.constant([0, i], tf.int64)
+        out = _np(ip.preprocess_for_train(example, seed=seed, **kwargs))
+        again = _np(ip.preprocess_for_train(example, seed=seed, **kwargs))
+        for key in out:
+            np.testing.assert_array_equal(out[key], again[key], err_msg=key)
+        factors.append(out['image_scale'] / (64 / 60))
+    assert 0.5 <= min(factors) < 0.8 and 1.2 < max(factors) <= 1.5
+    # In a tf.data map (graph mode) the result is the same as eagerly.
+    seed = tf.constant([0, 3], tf.int64)
+    eager = _np(ip.preprocess_for_train(example, seed=seed, **kwargs))
+    ds = tf.data.Dataset.from_tensors(example).map(
+        lambda ex: ip.preprocess_for_train(ex, seed=seed, **kwargs))
+    graph = _np(next(iter(ds)))
+    for key in eager:
+        np.testing.assert_allclose(eager[key], graph[key], atol=1e-5, err_msg=key)
+
+
+def test_bgr_channel_order_reverses_channels_before_normalising():
+    example = _example([[10, 5, 40, 30]], [_rect_mask(10, 5, 40, 30)])
+    kwargs = dict(eval_min_size=40, image_size=(64, 64), max_size=64, max_instances=2,
+                  gt_mask_size=8)
+    rgb = _np(ip.preprocess_for_eval(example, pixel_mean=MEAN, pixel_std=STD, **kwargs))
+    msra_mean, msra_std = (103.53, 116.28, 123.675), (1.0, 1.0, 1.0)
+    bgr = _np(ip.preprocess_for_eval(example, pixel_mean=msra_mean, pixel_std=msra_std,
+                                     channel_order='BGR', **kwargs))
+    pixels = rgb['image'][:40, :60] * STD + MEAN  # back to RGB 0-255
+    np.testing.assert_allclose(bgr['image'][:40, :60], pixels[..., ::-1] - msra_mean,
+                               atol=1e-3)
+    with pytest.raises(ValueError, match='channel_order'):
+        ip.preprocess_for_eval(example, pixel_mean=MEAN, pixel_std=STD, channel_order='bgr',
+                               **kwargs)
+
+
+def test_box_only_instances_are_flagged_and_get_their_box_as_mask():
+    boxes = [[2, 2, 20, 20], [30, 10, 50, 30]]
+    example = _example(boxes, [_rect_mask(5, 5, 10, 10), np.zeros((40, 60))], labels=[0, 1])
+    example['objects']['has_mask'] = tf.constant([True, False])
+    out = _np(ip.preprocess_for_train(example, seed=tf.constant([0, 0]),
+                                      train_min_sizes=(40,), horizontal_flip=False, **COMMON))
+    np.testing.assert_array_equal(out['gt_has_mask'], [True, False, False, False, False, False])
+    np.testing.assert_array_equal(out['gt_valid'][:2], [True, True])
+    np.testing.assert_allclose(out['gt_masks'][1], 1.0)
+    assert 0 < out['gt_masks'][0].mean() < 0.5
+    # Without the feature (datasets built before it) every instance has a mask.
+    del example['objects']['has_mask']
+    out = _np(ip.preprocess_for_eval(example, eval_min_size=40, **COMMON))
+    np.testing.assert_array_equal(out['gt_has_mask'][:2], [True, True])

@@ -12,7 +12,8 @@ meta_data)` (Scenic's `dataset_utils.Dataset` when Scenic is installed):
   test_iter   None.
   meta_data   num_classes (K), category_ids (label i + 1 <-> category_ids[i]),
               category_names, input_shape (-1, H, W, 3), input_dtype, num_train_examples,
-              num_eval_examples, max_instances, gt_mask_size, val_annotations_file.
+              num_eval_examples, max_instances, gt_mask_size, val_annotations_file (the
+              evaluation JSON stored with the dataset, see coco_builder.py).
 
 dataset_configs keys (any other key is a ValueError); defaults shapes / coco_format:
   data_dir             '~/tensorflow_datasets' (TFDS data directory)
@@ -21,15 +22,24 @@ dataset_configs keys (any other key is a ValueError); defaults shapes / coco_for
   max_size             128 / 1333                   longest-side cap
   eval_min_size        128 / 800
   horizontal_flip      True
-  pixel_mean           (123.675, 116.28, 103.53)    RGB, 0-255 units
-  pixel_std            (58.395, 57.12, 57.375)
+  large_scale_jitter   False    scale to lsj_scale_range x image_size, crop/pad to image_size
+                                (replaces train_min_sizes/max_size in training)
+  lsj_scale_range      (0.1, 2.0)
+  channel_order        'RGB'    or 'BGR' (Detectron2's MSRA weights); mean/std in that order
+  pixel_mean           (123.675, 116.28, 103.53)    0-255 units (torchvision's ImageNet mean;
+                                                    MSRA/BGR: (103.53, 116.28, 123.675))
+  pixel_std            (58.395, 57.12, 57.375)      (MSRA/BGR: (1.0, 1.0, 1.0))
   max_instances        16 / 100                     M
   gt_mask_size         28 / 112                     S
   shuffle_buffer_size  1000                         encoded examples (part of checkpoints)
 shapes only (generated into data_dir/shapes_<params>/raw, then built with coco_builder):
   num_train 2000, num_val 200, shapes_image_size 128, shapes_seed 0, max_shapes 6
-coco_format only (no defaults for the paths):
-  name 'coco2017' (TFDS name), train_annotations, train_images, val_annotations, val_images
+coco_format only:
+  name 'coco2017' (TFDS name), train_annotations, train_images, val_annotations, val_images,
+  skip_bad_images False.
+  With the four paths (images may be folders or 'x.zip/folder') the dataset is built on first
+  use into data_dir/name/<version>; without any, the dataset `name` must be prepared there
+  already (`python -m projects.maskrcnn.data.build_dataset`, COCO 2017 included).
 """
 
 import dataclasses
@@ -62,6 +72,9 @@ class Dataset:
 _COMMON_DEFAULTS = {
     'data_dir': '~/tensorflow_datasets',
     'horizontal_flip': True,
+    'large_scale_jitter': False,
+    'lsj_scale_range': (0.1, 2.0),
+    'channel_order': 'RGB',
     'pixel_mean': (123.675, 116.28, 103.53),
     'pixel_std': (58.395, 57.12, 57.375),
     'shuffle_buffer_size': 1000,
@@ -75,8 +88,9 @@ _DEFAULTS = {
         _COMMON_DEFAULTS, image_size=(1344, 1344), train_min_sizes=tuple(range(640, 801, 32)),
         max_size=1333, eval_min_size=800, max_instances=100, gt_mask_size=112,
         name='coco2017', train_annotations=None, train_images=None, val_annotations=None,
-        val_images=None),
+        val_images=None, skip_bad_images=False),
 }
+_PATH_KEYS = ('train_annotations', 'train_images', 'val_annotations', 'val_images')
 
 
 def _read_configs(dataset_name: str, dataset_configs: Any) -> dict[str, Any]:
@@ -89,15 +103,24 @@ def _read_configs(dataset_name: str, dataset_configs: Any) -> dict[str, Any]:
                          f'{dataset_name!r}; allowed: {sorted(defaults)}.')
     cfg = {k: given.get(k, v) for k, v in defaults.items()}
     missing = sorted(k for k, v in cfg.items() if v is None)
+    if dataset_name == 'coco_format' and set(missing) == set(_PATH_KEYS):
+        missing = []  # no paths: a dataset prepared under `name`
     if missing:
         raise ValueError(f'dataset_configs needs {missing} for dataset {dataset_name!r}.')
-    for key in ('image_size', 'train_min_sizes', 'pixel_mean', 'pixel_std'):
+    for key in ('image_size', 'train_min_sizes', 'pixel_mean', 'pixel_std', 'lsj_scale_range'):
         cfg[key] = tuple(cfg[key])
+    low, high = cfg['lsj_scale_range']
+    if not 0 < low <= high:
+        raise ValueError(f"dataset_configs.lsj_scale_range={cfg['lsj_scale_range']} must be "
+                         f"(low, high) with 0 < low <= high.")
+    if cfg['channel_order'] not in ('RGB', 'BGR'):
+        raise ValueError(f"dataset_configs.channel_order must be 'RGB' or 'BGR', got "
+                         f"{cfg['channel_order']!r}.")
     cfg['data_dir'] = os.path.expanduser(cfg['data_dir'])
     return cfg
 
 
-def _build_dataset(builder: Any, val_annotations_file: str, cfg: dict[str, Any], *,
+def _build_dataset(builder: Any, val_annotations_file: Optional[str], cfg: dict[str, Any], *,
                    batch_size: int, eval_batch_size: int, num_shards: int, dtype_str: str,
                    shuffle_seed: int) -> Any:
     """Train and eval pipelines plus meta_data for a prepared coco_builder dataset."""
@@ -111,13 +134,19 @@ def _build_dataset(builder: Any, val_annotations_file: str, cfg: dict[str, Any],
         if size % num_shards:
             raise ValueError(f'{what}={size} (per process) is not divisible by the '
                              f'{num_shards} local devices.')
+    for split in ('train', 'val'):
+        if split not in builder.info.splits:
+            raise ValueError(f'Dataset {builder.name} in {builder.data_dir} has no {split!r} '
+                             f'split (it has {sorted(builder.info.splits)}); rebuild it with '
+                             f'both (build_dataset --val_annotations=... --val_images=...).')
     common = dict(image_size=cfg['image_size'], max_size=cfg['max_size'],
                   pixel_mean=cfg['pixel_mean'], pixel_std=cfg['pixel_std'],
-                  max_instances=cfg['max_instances'], gt_mask_size=cfg['gt_mask_size'],
-                  process_index=index, process_count=count)
+                  channel_order=cfg['channel_order'], max_instances=cfg['max_instances'],
+                  gt_mask_size=cfg['gt_mask_size'], process_index=index, process_count=count)
     train_ds = input_pipeline.build_train_dataset(
         builder, split='train', batch_size=batch_size, seed=shuffle_seed,
         train_min_sizes=cfg['train_min_sizes'], horizontal_flip=cfg['horizontal_flip'],
+        large_scale_jitter=cfg['large_scale_jitter'], lsj_scale_range=cfg['lsj_scale_range'],
         shuffle_buffer_size=cfg['shuffle_buffer_size'], **common)
     valid_ds = input_pipeline.build_eval_dataset(
         builder, split='val', batch_size=eval_batch_size,
@@ -127,6 +156,12 @@ def _build_dataset(builder: Any, val_annotations_file: str, cfg: dict[str, Any],
         cast = lambda b: {**b, 'image': tf.cast(b['image'], dtype)}  # noqa: E731
         train_ds, valid_ds = train_ds.map(cast), valid_ds.map(cast)
 
+    val_annotations_file = (coco_builder.eval_annotations_file(builder, 'val') or
+                            val_annotations_file)
+    if val_annotations_file is None:
+        raise ValueError(f'Dataset {builder.name} in {builder.data_dir} stores no evaluation '
+                         f'JSON (built before version {coco_builder.VERSION}): rebuild it, or '
+                         f'give dataset_configs.val_annotations and the other paths.')
     category_ids, category_names = coco_builder.category_metadata(builder)
     height, width = cfg['image_size']
     meta_data = {
@@ -139,6 +174,10 @@ def _build_dataset(builder: Any, val_annotations_file: str, cfg: dict[str, Any],
         'num_eval_examples': builder.info.splits['val'].num_examples,
         'max_instances': cfg['max_instances'],
         'gt_mask_size': cfg['gt_mask_size'],
+        # The eval images' normalisation, to draw them (TensorBoard images, predict).
+        'pixel_mean': cfg['pixel_mean'],
+        'pixel_std': cfg['pixel_std'],
+        'channel_order': cfg['channel_order'],
         'val_annotations_file': val_annotations_file,
     }
     train_iter = clu_data.TfDatasetIterator(train_ds, checkpoint=True)
@@ -197,9 +236,13 @@ def get_coco_format_dataset(*, batch_size: int, eval_batch_size: int, num_shards
     del rng  # randomness comes from shuffle_seed
     _check_unsupported(dataset_service_address)
     cfg = _read_configs('coco_format', dataset_configs)
-    splits = {'train': (cfg['train_annotations'], cfg['train_images']),
-              'val': (cfg['val_annotations'], cfg['val_images'])}
-    builder = coco_builder.build_coco_format_dataset(cfg['name'], splits, cfg['data_dir'])
+    if cfg['train_annotations'] is None:
+        builder = coco_builder.load_coco_format_dataset(cfg['name'], cfg['data_dir'])
+    else:
+        splits = {'train': (cfg['train_annotations'], cfg['train_images']),
+                  'val': (cfg['val_annotations'], cfg['val_images'])}
+        builder = coco_builder.build_coco_format_dataset(
+            cfg['name'], splits, cfg['data_dir'], skip_bad_images=cfg['skip_bad_images'])
     return _build_dataset(builder, cfg['val_annotations'], cfg, batch_size=batch_size,
                           eval_batch_size=eval_batch_size, num_shards=num_shards,
                           dtype_str=dtype_str, shuffle_seed=shuffle_seed)

@@ -1,0 +1,343 @@
+r"""Detectax speed and memory for a config, side by side with torchvision.
+
+  python -m benchmarks.benchmark --config=configs/maskrcnn_r50_fpn_torchvision_coco.py \
+      --height=800 --width=1216 --batch=1 --mode=inference --steps=3 \
+      --torchvision_python=/work/torchvenv/bin/python --append=BENCHMARKS.md
+
+Detectax (this process): the config's model with random weights and 80 classes,
+on a batch of random images of HxW padded up to the config's required multiple
+(the largest FPN stride, 64 for five anchor levels) with the valid size HxW.
+It measures compile time (lower + compile), inference latency (median of
+`--steps` runs after `--warmup`) and images/s, training images/s (the trainer's
+`train_step` and optimizer, donated state), peak host RSS, peak device memory
+(None on CPU), the compiled steps' FLOPs from XLA's cost analysis and the
+fraction of `--peak_flops` they achieve (by default a measured float32 matmul
+rate on this machine, said so in the table).
+
+torchvision (a child process run with `--torchvision_python`, see
+torchvision_child.py): maskrcnn_resnet50_fpn with the same image size, batch,
+proposal counts and RoI batch, 100 detections and no score threshold.
+
+Both sides run one after the other in the same invocation, so they see the
+same machine load; the table gives the ratio torchvision time / Detectax time
+(above 1: Detectax faster).
+"""
+
+import datetime
+import functools
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+from projects.maskrcnn import optim, trainer
+from projects.maskrcnn.model import MaskRCNNModel
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file.',
+                                          lock_config=False)
+_HEIGHT = flags.DEFINE_integer('height', 800, 'Image height (valid pixels).')
+_WIDTH = flags.DEFINE_integer('width', 1216, 'Image width (valid pixels).')
+_BATCH = flags.DEFINE_integer('batch', 1, 'Images per step.')
+_MODE = flags.DEFINE_enum('mode', 'both', ['inference', 'train', 'both'], 'What to time.')
+_STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps (median reported).')
+_WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed steps after compilation.')
+_NUM_CLASSES = flags.DEFINE_integer('num_classes', 80, 'Foreground classes.')
+_INSTANCES = flags.DEFINE_integer('instances', 3, 'Ground-truth instances per training image.')
+_TV_PYTHON = flags.DEFINE_string('torchvision_python', None,
+                                 'Python with torch + torchvision; none: skip torchvision.')
+_APPEND = flags.DEFINE_string('append', None, 'Markdown file to append the table to.')
+_PEAK_FLOPS = flags.DEFINE_float('peak_flops', None,
+                                 'Machine peak FLOP/s; default: measured f32 matmul rate.')
+_PAD_MULTIPLE = flags.DEFINE_integer('pad_multiple', None,
+                                     'Pad H, W up to this multiple (default: largest FPN stride).')
+
+_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'torchvision_child.py')
+
+
+# ----------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------
+
+def padded_size(height: int, width: int, multiple: int) -> tuple[int, int]:
+    up = lambda x: -(-x // multiple) * multiple  # noqa: E731
+    return up(height), up(width)
+
+
+def synthetic_batch(config, batch: int, height: int, width: int, padded: tuple[int, int],
+                    instances: int, num_classes: int, seed: int = 0) -> dict:
+    """Random images with `instances` valid boxes per image (masks fill their box)."""
+    rng = np.random.default_rng(seed)
+    d = config.dataset_configs
+    m, s = d.get('max_instances', 100), d.get('gt_mask_size', 28)
+    ph, pw = padded
+    image = np.zeros((batch, ph, pw, 3), np.float32)
+    image[:, :height, :width] = rng.standard_normal((batch, height, width, 3))
+    boxes = np.zeros((batch, m, 4), np.float32)
+    k = min(instances, m)
+    for b in range(batch):
+        for i in range(k):
+            x0, y0 = rng.integers(0, width // 2), rng.integers(0, height // 2)
+            boxes[b, i] = [x0, y0, x0 + width // 4 + 8 * i, y0 + height // 4 + 8 * i]
+    valid = np.zeros((batch, m), bool)
+    valid[:, :k] = True
+    return {'image': image,
+            'image_size': np.tile(np.asarray([height, width], np.int32), (batch, 1)),
+            'gt_boxes': boxes,
+            'gt_classes': rng.integers(1, num_classes + 1, (batch, m)).astype(np.int32),
+            'gt_valid': valid, 'gt_has_mask': valid.copy(),
+            'gt_masks': np.where(valid[..., None, None], 1.0, 0.0).astype(np.float32)
+            * np.ones((1, 1, s, s), np.float32)}
+
+
+# ----------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------
+
+def _flops(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # noqa: BLE001 - some backends have none
+        return None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if not cost or 'flops' not in cost:
+        return None
+    return float(cost['flops'])
+
+
+def _compile(fn, *args) -> tuple[object, float]:
+    start = time.perf_counter()
+    compiled = fn.lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process (VmHWM; getrusage where /proc is missing)."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _device_peak_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats()
+    return None if not stats else stats.get('peak_bytes_in_use')
+
+
+def measured_matmul_flops(n: int = 2048, reps: int = 5) -> float:
+    """Best float32 matmul rate of this backend (FLOP/s), the CPU stand-in for peak."""
+    x = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    best = float('inf')
+    for _ in range(reps):
+        start = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+def build_state(config, meta):
+    model = MaskRCNNModel(config, meta)
+    variables = trainer.init_variables(model, jax.random.PRNGKey(config.get('rng_seed', 0)), meta)
+    params = variables.pop('params')
+    tx, _ = optim.build_optimizer(config, params)
+    state = trainer.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+                               model_state=dict(variables), rng=jax.random.PRNGKey(1))
+    return model, tx, state
+
+
+def time_inference(model, state, batch, steps: int, warmup: int) -> dict:
+    images = {k: batch[k] for k in ('image', 'image_size')}
+    fn = jax.jit(functools.partial(trainer.eval_step, model=model))
+    compiled, compile_s = _compile(fn, state, images)
+    for _ in range(warmup):
+        jax.block_until_ready(compiled(state, images))
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        jax.block_until_ready(compiled(state, images))
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    n = batch['image'].shape[0]
+    return {'compile_s': compile_s, 'latency_s': median, 'images_per_s': n / median,
+            'flops': _flops(compiled), 'times_s': times}
+
+
+def time_train(model, tx, state, batch, steps: int, warmup: int) -> dict:
+    fn = jax.jit(functools.partial(trainer.train_step, model=model, tx=tx), donate_argnums=(0,))
+    compiled, compile_s = _compile(fn, state, batch)
+    times = []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    loss = float(metrics['total_loss'])
+    median = statistics.median(times)
+    n = batch['image'].shape[0]
+    return {'compile_s': compile_s, 'step_s': median, 'images_per_s': n / median,
+            'flops': _flops(compiled), 'total_loss': loss, 'times_s': times}
+
+
+def run_torchvision(python: str, config, height: int, width: int, batch: int, mode: str,
+                    steps: int, warmup: int, num_classes: int, instances: int) -> dict:
+    rpn, roi = config.model.rpn, config.model.roi_heads
+    cmd = [python, _CHILD, f'--height={height}', f'--width={width}', f'--batch={batch}',
+           f'--mode={mode}', f'--steps={steps}', f'--warmup={warmup}',
+           f'--num_classes={num_classes}', f'--instances={instances}',
+           f'--pre_nms_train={rpn.pre_nms_topk_train}',
+           f'--post_nms_train={rpn.post_nms_topk_train}',
+           f'--pre_nms_test={rpn.pre_nms_topk_test}', f'--post_nms_test={rpn.post_nms_topk_test}',
+           f'--rois_per_image={roi.batch_size_per_image}']
+    env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'VIRTUAL_ENV')}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode:
+        raise RuntimeError(f'torchvision child failed ({out.returncode}):\n{out.stderr[-3000:]}')
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------
+
+def _fmt(x, digits: int = 3) -> str:
+    if x is None:
+        return '-'
+    if isinstance(x, str):
+        return x
+    return f'{x:.{digits}g}'
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            names = [line.split(':', 1)[1].strip() for line in f if line.startswith('model name')]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    device = jax.devices()[0]
+    return (f'{cpu}, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; '
+            f'JAX {jax.__version__} on {device.platform} ({device.device_kind})')
+
+
+def table_rows(dx: dict, tv: dict | None, peak_flops: float) -> list[tuple[str, str, str, str]]:
+    """(measure, Detectax, torchvision, Detectax speed-up) rows."""
+    tv = tv or {}
+    rows = []
+
+    def speed(name, key, unit_time, section):
+        d, t = dx.get(section, {}).get(key), tv.get(section, {}).get(key)
+        ratio = None
+        if d and t:
+            ratio = t / d if unit_time else d / t
+        rows.append((name, _fmt(d), _fmt(t), _fmt(ratio) + ('x' if ratio else '')))
+
+    for section, time_key, label in (('inference', 'latency_s', 'inference latency (s/batch)'),
+                                     ('train', 'step_s', 'training step (s)')):
+        if section not in dx:
+            continue
+        speed(label, time_key, True, section)
+        speed(f'{section} images/s', 'images_per_s', False, section)
+        d = dx[section]
+        rows.append((f'{section} compile (s)', _fmt(d['compile_s']), '-', ''))
+        flops = d.get('flops')
+        rows.append((f'{section} GFLOP per step (XLA)', _fmt(flops and flops / 1e9), '-', ''))
+        achieved = flops and flops / d[time_key]
+        frac = achieved and f'{_fmt(achieved / 1e9)} ({100 * achieved / peak_flops:.0f}% of peak)'
+        rows.append((f'{section} achieved GFLOP/s', _fmt(frac), '-', ''))
+    rows.append(('peak host RSS (MB)', _fmt(dx['peak_rss_mb'], 4),
+                 _fmt(tv.get('peak_rss_mb'), 4), ''))
+    dev = dx.get('device_peak_bytes')
+    rows.append(('peak device memory (MB)', _fmt(dev and dev / 2 ** 20, 4), '-', ''))
+    return rows
+
+
+def render(rows, header: str) -> str:
+    lines = [header, '', '| measure | Detectax | torchvision | Detectax speed-up |',
+             '|---|---|---|---|']
+    lines += [f'| {" | ".join(r)} |' for r in rows]
+    return '\n'.join(lines) + '\n'
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError('--config is required')
+    stride = 2 ** (len(config.model.anchors.sizes) + 1)
+    height, width = _HEIGHT.value, _WIDTH.value
+    padded = padded_size(height, width, _PAD_MULTIPLE.value or stride)
+    config.dataset_configs.image_size = padded
+    meta = {'num_classes': _NUM_CLASSES.value, 'input_shape': (-1, *padded, 3),
+            'max_instances': config.dataset_configs.get('max_instances', 100),
+            'gt_mask_size': config.dataset_configs.get('gt_mask_size', 28)}
+    batch = synthetic_batch(config, _BATCH.value, height, width, padded, _INSTANCES.value,
+                            _NUM_CLASSES.value)
+    model, tx, state = build_state(config, meta)
+    dx = {}
+    mode = _MODE.value
+    if mode in ('inference', 'both'):
+        dx['inference'] = time_inference(model, state, batch, _STEPS.value, _WARMUP.value)
+    if mode in ('train', 'both'):
+        dx['train'] = time_train(model, tx, state, batch, _STEPS.value, _WARMUP.value)
+    dx['peak_rss_mb'] = peak_rss_mb()
+    dx['device_peak_bytes'] = _device_peak_bytes()
+    del state
+
+    tv = None
+    if _TV_PYTHON.value:
+        tv = run_torchvision(_TV_PYTHON.value, config, height, width, _BATCH.value, mode,
+                             _STEPS.value, _WARMUP.value, _NUM_CLASSES.value, _INSTANCES.value)
+    peak = _PEAK_FLOPS.value
+    peak_note = 'given by --peak_flops'
+    if not peak:
+        peak = measured_matmul_flops()
+        peak_note = 'measured float32 2048x2048 matmul rate in this run'
+
+    command = 'python -m benchmarks.benchmark ' + ' '.join(shlex.quote(a) for a in sys.argv[1:])
+    tv_versions = (f"torch {tv['torch']}, torchvision {tv['torchvision']} "
+                   f"({tv['threads']} threads)" if tv else 'torchvision not run')
+    header = '\n'.join([
+        f'### {config.get("experiment_name", "config")}: {height}x{width} '
+        f'(padded {padded[0]}x{padded[1]}), batch {_BATCH.value}, {mode}, '
+        f'{config.get("dtype", "float32")}',
+        '',
+        f'`{command}`',
+        '',
+        f'{datetime.date.today().isoformat()}; {machine_description()}; {tv_versions}. '
+        f'Median of {_STEPS.value} steps after {_WARMUP.value} warm-up; peak '
+        f'{peak / 1e9:.0f} GFLOP/s ({peak_note}). Detectax per-step times (s): '
+        + '; '.join(f"{k} {', '.join(f'{t:.3g}' for t in dx[k]['times_s'])}"
+                    for k in ('inference', 'train') if k in dx)
+        + ('; torchvision: ' + '; '.join(
+            f"{k} {', '.join(f'{t:.3g}' for t in tv[k]['times_s'])}"
+            for k in ('inference', 'train') if k in tv) if tv else '') + '.'])
+    text = render(table_rows(dx, tv, peak), header)
+    print(text)
+    print(json.dumps({'detectax': dx, 'torchvision': tv, 'peak_flops': peak}))
+    if _APPEND.value:
+        with open(_APPEND.value, 'a') as f:
+            f.write('\n' + text)
+
+
+if __name__ == '__main__':
+    app.run(main)

@@ -1,0 +1,147 @@
+"""torchvision's Mask R-CNN R50-FPN timed on random weights; prints one JSON line.
+
+Run by benchmarks/benchmark.py with the torch interpreter (`--torchvision_python`).
+It imports neither jax nor this project, so it runs in a venv that has only
+torch and torchvision:
+
+  python benchmarks/torchvision_child.py --height=800 --width=1216 --batch=1 \\
+      --mode=inference --steps=3 --pre_nms_test=1000 --post_nms_test=1000
+
+The detector does the same work as Detectax's torchvision-convention config:
+frozen batch norm, stem and res2 frozen (torchvision's `trainable_backbone_layers=3`,
+which `maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)` would replace
+by trainable BatchNorm everywhere), `box_score_thresh=0` and 100 detections so the
+mask head always runs on 100 boxes, and `min_size=H, max_size=W` so the image
+is not resized.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import time
+
+import torch
+import torchvision
+from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.ops import misc as misc_ops
+
+
+def build_detector(args) -> torch.nn.Module:
+    backbone = resnet_fpn_backbone(backbone_name='resnet50', weights=None,
+                                   norm_layer=misc_ops.FrozenBatchNorm2d, trainable_layers=3)
+    return MaskRCNN(
+        backbone, num_classes=args.num_classes + 1, min_size=args.height, max_size=args.width,
+        box_score_thresh=0.0, box_detections_per_img=100,
+        rpn_pre_nms_top_n_train=args.pre_nms_train, rpn_post_nms_top_n_train=args.post_nms_train,
+        rpn_pre_nms_top_n_test=args.pre_nms_test, rpn_post_nms_top_n_test=args.post_nms_test,
+        box_batch_size_per_image=args.rois_per_image)
+
+
+def synthetic_targets(args, generator: torch.Generator) -> list[dict]:
+    """A few boxes per image, each with a full-image mask filling its box."""
+    targets = []
+    for _ in range(args.batch):
+        boxes, masks = [], torch.zeros(args.instances, args.height, args.width, dtype=torch.uint8)
+        for i in range(args.instances):
+            x0 = int(torch.randint(0, args.width // 2, (1,), generator=generator))
+            y0 = int(torch.randint(0, args.height // 2, (1,), generator=generator))
+            x1 = x0 + args.width // 4 + 8 * i
+            y1 = y0 + args.height // 4 + 8 * i
+            boxes.append([x0, y0, x1, y1])
+            masks[i, y0:y1, x0:x1] = 1
+        labels = torch.randint(1, args.num_classes + 1, (args.instances,), generator=generator)
+        targets.append({'boxes': torch.tensor(boxes, dtype=torch.float32), 'labels': labels,
+                        'masks': masks})
+    return targets
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, unlike getrusage's ru_maxrss,
+    is not inherited from the parent across fork and exec."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _timed(fn, warmup: int, steps: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def run_inference(args, model, images) -> dict:
+    model.eval()
+
+    def step():
+        with torch.no_grad():
+            out = model(images)
+        assert out[0]['masks'].shape[0] == 100, out[0]['masks'].shape
+    times = _timed(step, args.warmup, args.steps)
+    median = statistics.median(times)
+    return {'latency_s': median, 'images_per_s': args.batch / median, 'times_s': times}
+
+
+def run_train(args, model, images, targets) -> dict:
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.02 * args.batch / 16, momentum=0.9, weight_decay=1e-4)
+
+    def step():
+        losses = model(images, targets)
+        loss = sum(losses.values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    times = _timed(step, args.warmup, args.steps)
+    median = statistics.median(times)
+    return {'step_s': median, 'images_per_s': args.batch / median, 'times_s': times}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--height', type=int, required=True)
+    parser.add_argument('--width', type=int, required=True)
+    parser.add_argument('--batch', type=int, default=1)
+    parser.add_argument('--mode', choices=('inference', 'train', 'both'), default='both')
+    parser.add_argument('--steps', type=int, default=3)
+    parser.add_argument('--warmup', type=int, default=1)
+    parser.add_argument('--num_classes', type=int, default=80)
+    parser.add_argument('--instances', type=int, default=3)
+    parser.add_argument('--pre_nms_train', type=int, default=2000)
+    parser.add_argument('--post_nms_train', type=int, default=2000)
+    parser.add_argument('--pre_nms_test', type=int, default=1000)
+    parser.add_argument('--post_nms_test', type=int, default=1000)
+    parser.add_argument('--rois_per_image', type=int, default=512)
+    args = parser.parse_args()
+
+    torch.set_num_threads(os.cpu_count())
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    model = build_detector(args)
+    images = [torch.rand(3, args.height, args.width, generator=generator)
+              for _ in range(args.batch)]
+    result = {'torch': torch.__version__, 'torchvision': torchvision.__version__,
+              'threads': torch.get_num_threads()}
+    if args.mode in ('inference', 'both'):
+        result['inference'] = run_inference(args, model, images)
+    if args.mode in ('train', 'both'):
+        result['train'] = run_train(args, model, images, synthetic_targets(args, generator))
+    result['peak_rss_mb'] = peak_rss_mb()
+    print(json.dumps(result))
+
+
+if __name__ == '__main__':
+    main()
