@@ -232,6 +232,27 @@ def test_tiny_maskrcnn_train_outputs():
             MASK_BIAS[classes - 1][:, None, None], logits.shape), rtol=1e-6)
 
 
+def test_box_only_instances_get_no_mask_loss():
+    """RoIs matched to an instance without a mask (`gt_has_mask` False) leave the
+    mask slots; the other instance's RoIs keep theirs, boxes and classes unchanged."""
+    gt = _gt()
+    run = jax.jit(lambda v, g, key: TINY.apply(v, IMAGES, SIZES, g, train=True,
+                                               rngs={'sampling': key}))
+    variables = _tiny_variables()
+    with_masks = jax.tree_util.tree_map(np.asarray, run(variables, gt, jax.random.PRNGKey(1)))
+    # Image 0's first instance (class 1) is box-only.
+    has_mask = jnp.array([[False, True, True], [True, True, True]])
+    box_only = jax.tree_util.tree_map(np.asarray, run(
+        variables, {**gt, 'gt_has_mask': has_mask}, jax.random.PRNGKey(1)))
+    for key in ('roi_classes', 'roi_is_positive', 'roi_box_targets', 'rpn_labels'):
+        np.testing.assert_array_equal(box_only[key], with_masks[key])
+    np.testing.assert_array_equal(box_only['mask_valid'][1], with_masks['mask_valid'][1])
+    # In image 0 only the RoIs of the class-3 instance keep a mask target.
+    classes = with_masks['roi_classes'][0][with_masks['roi_is_positive'][0]][:16]
+    np.testing.assert_array_equal(box_only['mask_valid'][0][:len(classes)], classes == 3)
+    assert (classes == 1).any() and (classes == 3).any()
+
+
 def test_tiny_maskrcnn_inference_outputs():
     infer = jax.jit(lambda v: TINY.apply(v, IMAGES, SIZES, train=False))
     variables = _tiny_variables()

@@ -40,19 +40,26 @@ def _pad_last(x, size, value):
 
 def generate_proposals(logits: list[jnp.ndarray], deltas: list[jnp.ndarray],
                        anchors: list[np.ndarray], image_sizes: jnp.ndarray,
-                       spec: specs.RPNSpec, train: bool
-                       ) -> tuple[jnp.ndarray, jnp.ndarray]:
+                       spec: specs.RPNSpec, train: bool, with_scores: bool = False):
     """Per-level top-k, decode, clip, per-level NMS, then top-k per image.
 
-    Follows Detectron2's find_top_rpn_proposals, with every level's NMS
-    batched into one call.
+    Follows Detectron2's find_top_rpn_proposals (and torchvision's
+    filter_proposals, which differs only in the small-box rule of `spec`), with
+    every level's NMS batched into one call. Scores are logits. torchvision
+    ranks by sigmoid(logit) instead, whose float32 values tie for close or
+    large logits; its NMS breaks ties by index, which within a level is
+    descending-logit order, so per-level NMS keeps the same boxes; only the
+    order of tied proposals across levels (and so which of them make the
+    post-NMS cut) can differ.
 
     Args:
       logits: L arrays [B, A_l]. deltas: L arrays [B, A_l, 4].
       anchors: L arrays [A_l, 4]. image_sizes: [B, 2] (h, w) before padding.
+      with_scores: also return the proposals' objectness logits.
 
     Returns:
-      proposals [B, P, 4] sorted by score, and their validity [B, P].
+      proposals [B, P, 4] sorted by score, their validity [B, P] (and with
+      `with_scores` their logits [B, P], -inf where not valid).
     """
     pre_k = spec.pre_nms_topk_train if train else spec.pre_nms_topk_test
     post_k = spec.post_nms_topk_train if train else spec.post_nms_topk_test
@@ -64,9 +71,8 @@ def generate_proposals(logits: list[jnp.ndarray], deltas: list[jnp.ndarray],
         boxes = box_ops.decode_boxes(jnp.take_along_axis(delta, idx[..., None], axis=1),
                                      jnp.asarray(anchor)[idx], spec.box_weights)
         boxes = box_ops.clip_boxes(boxes, image_sizes[:, None, :])
-        w = boxes[..., 2] - boxes[..., 0]
-        h = boxes[..., 3] - boxes[..., 1]
-        valid = (w > spec.min_box_size) & (h > spec.min_box_size) & jnp.isfinite(scores)
+        valid = box_ops.has_min_size(boxes, spec.min_box_size, spec.min_box_size_inclusive)
+        valid = valid & jnp.isfinite(scores)
         level_boxes.append(jnp.pad(boxes, ((0, 0), (0, k_max - k), (0, 0))))
         level_scores.append(_pad_last(scores, k_max, -jnp.inf))
         level_valid.append(_pad_last(valid, k_max, False))
@@ -79,12 +85,20 @@ def generate_proposals(logits: list[jnp.ndarray], deltas: list[jnp.ndarray],
     flat_scores = jnp.where(keep, scores, -jnp.inf).reshape(b, -1)
     k = min(post_k, flat_scores.shape[1])
     top_scores, top_idx = jax.lax.top_k(flat_scores, k)
-    proposals = jnp.take_along_axis(boxes.reshape(b, -1, 4), top_idx[..., None], axis=1)
-    return jax.lax.stop_gradient(proposals), jnp.isfinite(top_scores)
+    proposals = jax.lax.stop_gradient(
+        jnp.take_along_axis(boxes.reshape(b, -1, 4), top_idx[..., None], axis=1))
+    if with_scores:
+        return proposals, jnp.isfinite(top_scores), jax.lax.stop_gradient(top_scores)
+    return proposals, jnp.isfinite(top_scores)
 
 
 class MaskRCNN(nn.Module):
-    """The detector. `num_classes` counts foreground classes only."""
+    """The detector. `num_classes` counts foreground classes only.
+
+    Besides `__call__`, the stages are methods (`extract_features`, `propose`,
+    `pool`, `detect`, `predict_masks`) that `apply(..., method=...)` can run
+    one by one, e.g. to compare each with a reference implementation.
+    """
     num_classes: int
     backbone: specs.BackboneSpec = specs.BackboneSpec()
     fpn: specs.FPNSpec = specs.FPNSpec()
@@ -116,7 +130,8 @@ class MaskRCNN(nn.Module):
         Args:
           images: [B, H, W, 3] normalised, padded images.
           image_sizes: [B, 2] (h, w) of the images before padding.
-          gt: with `train`, the batch's `gt_boxes`, `gt_classes`, `gt_valid`, `gt_masks`.
+          gt: with `train`, the batch's `gt_boxes`, `gt_classes`, `gt_valid`, `gt_masks`
+            and optionally `gt_has_mask`.
           train: training mode (targets, sampling, batch-norm updates).
 
         Returns:
@@ -125,30 +140,59 @@ class MaskRCNN(nn.Module):
           [B, D, 4], `detection_scores` [B, D], `detection_classes` [B, D] (1..K),
           `detection_valid` [B, D] and `detection_masks` [B, D, 28, 28] probabilities.
         """
-        features = self.neck(self.body(images, train=train), train=train)
+        _, features = self.extract_features(images, train)
+        image_sizes = image_sizes.astype(jnp.float32)
+        rpn = self.propose(features, image_sizes, train)
+        if train:
+            return self._train_outputs(features[:4], _strides(4), rpn['logits'],
+                                       rpn['deltas'], rpn['anchors'], rpn['proposals'],
+                                       rpn['proposals_valid'], gt)
+        detections = self.detect(features, rpn['proposals'], rpn['proposals_valid'],
+                                 image_sizes)
+        detections['detection_masks'] = self.predict_masks(
+            features, detections['detection_boxes'], detections['detection_classes'])
+        return detections
+
+    def extract_features(self, images: jnp.ndarray, train: bool = False
+                         ) -> tuple[dict[str, jnp.ndarray], list[jnp.ndarray]]:
+        """Backbone and FPN: ({'c2'..'c5'}, [P2, ..., P6]), NHWC."""
+        backbone = self.body(images, train=train)
+        features = self.neck(backbone, train=train)
         if len(features) != len(self.anchors.sizes):
             raise ValueError(f'model.anchors.sizes has {len(self.anchors.sizes)} levels '
                              f'but the FPN gives {len(features)}')
-        strides = [2 ** (MIN_LEVEL + i) for i in range(len(features))]
+        return backbone, features
+
+    def propose(self, features: list[jnp.ndarray], image_sizes: jnp.ndarray,
+                train: bool = False) -> dict[str, Any]:
+        """RPN head, anchors and proposals.
+
+        Returns:
+          dict with `logits` (L arrays [B, A_l]), `deltas` (L arrays [B, A_l, 4]),
+          `anchors` (L numpy arrays [A_l, 4]), `proposals` [B, P, 4],
+          `proposals_valid` [B, P] and `proposal_logits` [B, P].
+        """
+        a = self.anchors
         anchors = anchor_ops.pyramid_anchors(
-            [f.shape[1:3] for f in features], strides, self.anchors.sizes,
-            self.anchors.aspect_ratios, self.anchors.offset)
+            [f.shape[1:3] for f in features], _strides(len(features)), a.sizes,
+            a.aspect_ratios, a.offset, a.round_cell_anchors)
         logits, deltas = self.rpn_head(features)
-        image_sizes = image_sizes.astype(jnp.float32)
-        proposals, proposals_valid = generate_proposals(
-            logits, deltas, anchors, image_sizes, self.rpn, train)
-        pooled_levels = features[:4]  # RoIs read P2..P5
-        if train:
-            return self._train_outputs(pooled_levels, strides[:4], logits, deltas, anchors,
-                                       proposals, proposals_valid, gt)
-        return self._inference(pooled_levels, strides[:4], proposals, proposals_valid,
-                               image_sizes)
+        proposals, valid, scores = generate_proposals(
+            logits, deltas, anchors, image_sizes.astype(jnp.float32), self.rpn, train,
+            with_scores=True)
+        return {'logits': logits, 'deltas': deltas, 'anchors': anchors,
+                'proposals': proposals, 'proposals_valid': valid, 'proposal_logits': scores}
+
+    def pool(self, features: list[jnp.ndarray], boxes: jnp.ndarray, resolution: int
+             ) -> jnp.ndarray:
+        """RoIAlign of [B, R, 4] boxes from P2..P5: [B, R, S, S, C]."""
+        return self._pool(features[:4], _strides(4), boxes, resolution)
 
     def _pool(self, features, strides, boxes, resolution):
         r = self.roi_heads
         fn = lambda feats, b: roi_align.multilevel_roi_align(
             feats, strides, b, resolution, r.sampling_ratio, r.aligned, MIN_LEVEL,
-            r.canonical_size, r.canonical_level)
+            r.canonical_size, r.canonical_level, r.level_rule, r.adaptive_sampling_cap)
         return jax.vmap(fn)(features, boxes)
 
     def _class_channel(self, per_class, classes):
@@ -196,6 +240,8 @@ class MaskRCNN(nn.Module):
         mask_size = mask_logits.shape[2]
         mask_targets = jax.vmap(lambda m, gb, mi, rb: target_ops.mask_targets(
             m, gb, mi, rb, mask_size))(gt['gt_masks'], gt['gt_boxes'], fg_matched, fg_boxes)
+        if 'gt_has_mask' in gt:  # box-only annotations give no mask target
+            fg_valid = fg_valid & jnp.take_along_axis(gt['gt_has_mask'], fg_matched, axis=1)
         return {
             'rpn_logits': jnp.take_along_axis(all_logits, rpn['indices'], 1),
             'rpn_deltas': jnp.take_along_axis(all_deltas, rpn['indices'][..., None], 1),
@@ -210,17 +256,28 @@ class MaskRCNN(nn.Module):
             'num_proposals': proposals_valid.sum(-1).astype(jnp.float32),
         }
 
-    def _inference(self, features, strides, proposals, proposals_valid, image_sizes):
+    def detect(self, features: list[jnp.ndarray], proposals: jnp.ndarray,
+               proposals_valid: jnp.ndarray, image_sizes: jnp.ndarray
+               ) -> dict[str, jnp.ndarray]:
+        """Box head and postprocessing: score threshold, small-box removal,
+        per-class NMS, the top `detections_per_image` (torchvision's
+        postprocess_detections; Detectron2's fast_rcnn_inference).
+
+        Returns:
+          `detection_boxes` [B, D, 4], `detection_scores` [B, D] (0 where not
+          valid), `detection_classes` [B, D] in 1..K (0 where not valid),
+          `detection_valid` [B, D].
+        """
         t = self.test
         cls_logits, box_deltas = self.box_predictor(
-            self._pool(features, strides, proposals, self.roi_heads.box_resolution))
+            self.pool(features, proposals, self.roi_heads.box_resolution))
         scores = jax.nn.softmax(cls_logits, axis=-1)[..., 1:]               # [B, P, K]
         boxes = box_ops.decode_boxes(box_deltas, proposals[:, :, None, :],
                                      self.box_head.box_weights)            # [B, P, K|1, 4]
-        boxes = box_ops.clip_boxes(boxes, image_sizes[:, None, None, :])
+        boxes = box_ops.clip_boxes(boxes, image_sizes.astype(jnp.float32)[:, None, None, :])
         boxes = jnp.broadcast_to(boxes, scores.shape + (4,))
-        nonempty = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
-        valid = (scores > t.score_threshold) & proposals_valid[..., None] & nonempty
+        big_enough = box_ops.has_min_size(boxes, t.min_box_size, t.min_box_size_inclusive)
+        valid = (scores > t.score_threshold) & proposals_valid[..., None] & big_enough
         # One NMS per (image, class), all in one batched call.
         to_class_major = lambda x: jnp.moveaxis(x, 2, 1)
         nms = jax.vmap(jax.vmap(lambda b, s, v: nms_ops.nms_mask(b, s, v, t.nms_threshold)))
@@ -233,13 +290,21 @@ class MaskRCNN(nn.Module):
                                         det_idx[..., None], 1)
         det_classes = (det_idx // proposals.shape[1] + 1).astype(jnp.int32)
         det_valid = jnp.isfinite(det_scores)
-        mask_logits = jax.vmap(lambda x: self.mask_predictor(x, train=False))(
-            self._pool(features, strides, det_boxes, self.roi_heads.mask_resolution))
-        masks = jax.nn.sigmoid(self._class_channel(mask_logits, det_classes))
         return {
             'detection_boxes': det_boxes,
             'detection_scores': jnp.where(det_valid, det_scores, 0.0),
             'detection_classes': jnp.where(det_valid, det_classes, 0),
             'detection_valid': det_valid,
-            'detection_masks': masks,
         }
+
+    def predict_masks(self, features: list[jnp.ndarray], boxes: jnp.ndarray,
+                      classes: jnp.ndarray) -> jnp.ndarray:
+        """Mask probabilities [B, D, M, M] of [B, D, 4] boxes, each in its class
+        channel (classes in 1..K; 0, for padding, reads class 1)."""
+        mask_logits = jax.vmap(lambda x: self.mask_predictor(x, train=False))(
+            self.pool(features, boxes, self.roi_heads.mask_resolution))
+        return jax.nn.sigmoid(self._class_channel(mask_logits, classes))
+
+
+def _strides(num_levels: int) -> list[int]:
+    return [2 ** (MIN_LEVEL + i) for i in range(num_levels)]

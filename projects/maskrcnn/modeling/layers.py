@@ -41,15 +41,17 @@ def group_count(channels: int, max_groups: int = 32) -> int:
     return 1
 
 
-def make_norm(norm: str, train: bool, dtype: Any, name: str, zero_init: bool = False):
+def make_norm(norm: str, train: bool, dtype: Any, name: str, zero_init: bool = False,
+              eps: float = 1e-5):
     """A norm layer by name: 'bn' (trainable, batch statistics over the whole
-    global batch under jit, i.e. SyncBN), 'frozen_bn', 'gn' (32 groups), 'none'."""
+    global batch under jit, i.e. SyncBN), 'frozen_bn', 'gn' (32 groups), 'none'.
+    `eps` is the batch-norm epsilon (both kinds)."""
     scale_init = nn.initializers.zeros if zero_init else nn.initializers.ones
     if norm == 'bn':
-        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+        return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=eps,
                             dtype=dtype, scale_init=scale_init, name=name)
     if norm == 'frozen_bn':
-        return FrozenBatchNorm(name=name)
+        return FrozenBatchNorm(epsilon=eps, name=name)
     if norm == 'gn':
         return lambda x: nn.GroupNorm(num_groups=group_count(x.shape[-1]), epsilon=1e-5,
                                       dtype=dtype, scale_init=scale_init, name=name)(x)

@@ -14,6 +14,7 @@ class BackboneSpec:
     norm: str = 'frozen_bn'      # 'bn' (SyncBN under jit), 'frozen_bn', 'gn', 'none'
     freeze_at: int = 2
     stride_in_1x1: bool = False  # True for MSRA/Detectron2 weights
+    norm_eps: float = 1e-5       # of 'bn' and 'frozen_bn'; torchvision and Detectron2 use 1e-5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +28,7 @@ class AnchorSpec:
     sizes: tuple = ((32,), (64,), (128,), (256,), (512,))  # one tuple per level P2..P6
     aspect_ratios: tuple = (0.5, 1.0, 2.0)
     offset: float = 0.0
+    round_cell_anchors: bool = False  # torchvision rounds its cell anchors to integers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +43,10 @@ class RPNSpec:
     post_nms_topk_train: int = 1000  # per image
     pre_nms_topk_test: int = 1000
     post_nms_topk_test: int = 1000
+    # Proposals keep both sides > min_box_size (Detectron2's nonempty), or
+    # >= min_box_size with `min_box_size_inclusive` (torchvision: 1e-3, inclusive).
     min_box_size: float = 0.0
+    min_box_size_inclusive: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,10 +58,14 @@ class ROIHeadsSpec:
     append_gt_boxes: bool = True
     box_resolution: int = 7
     mask_resolution: int = 14
+    # Bilinear samples per bin and axis; 0 is Detectron2's adaptive
+    # ceil(roi_side / bins), computed under a static cap (see ops/roi_align.py).
     sampling_ratio: int = 2
+    adaptive_sampling_cap: int = 4
     aligned: bool = True
     canonical_size: float = 224.0
     canonical_level: int = 4
+    level_rule: str = 'detectron2'   # or 'torchvision' (where the epsilon goes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +91,11 @@ class TestSpec:
     score_threshold: float = 0.05
     nms_threshold: float = 0.5
     detections_per_image: int = 100
+    # Before NMS, detections need both sides > min_box_size, or >= with
+    # `min_box_size_inclusive` (torchvision: 1e-2, inclusive). The default drops
+    # empty boxes only (Detectron2 drops them after the top-k instead).
+    min_box_size: float = 0.0
+    min_box_size_inclusive: bool = False
 
 
 SPECS = {

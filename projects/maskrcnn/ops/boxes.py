@@ -102,3 +102,16 @@ def clip_boxes(boxes: jnp.ndarray, image_size_hw: jnp.ndarray) -> jnp.ndarray:
     x1 = jnp.clip(boxes[..., 2], 0.0, w[..., 0])
     y1 = jnp.clip(boxes[..., 3], 0.0, h[..., 0])
     return jnp.stack([x0, y0, x1, y1], axis=-1)
+
+
+def has_min_size(boxes: jnp.ndarray, min_size: float, inclusive: bool = False) -> jnp.ndarray:
+    """Whether both sides of [..., 4] boxes reach `min_size`.
+
+    Sides must be > min_size (Detectron2's `nonempty(threshold)`), or with
+    `inclusive` >= min_size and > 0 (torchvision's `remove_small_boxes`).
+    """
+    w = boxes[..., 2] - boxes[..., 0]
+    h = boxes[..., 3] - boxes[..., 1]
+    if inclusive:
+        return (w >= min_size) & (h >= min_size) & (w > 0) & (h > 0)
+    return (w > min_size) & (h > min_size)

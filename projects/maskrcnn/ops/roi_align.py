@@ -2,9 +2,16 @@
 
 Follows the semantics of torchvision's roi_align (bilinear sampling at a fixed
 number of points per bin, averaged; zero outside the map) and the FPN level
-rule of Detectron2's ROIPooler. The pyramid is flattened into one [sum HW, C]
-table per image and each box reads only the level it is assigned to, the
-multilevel_crop_and_resize design of tensorflow/tpu.
+rule of Detectron2's ROIPooler or torchvision's MultiScaleRoIAlign. The pyramid
+is flattened into one [sum HW, C] table per image and each box reads only the
+level it is assigned to, the multilevel_crop_and_resize design of tensorflow/tpu.
+
+Adaptive sampling (Detectron2's sampling_ratio=0) takes ceil(roi_side / bins)
+samples per bin along each axis, a number that depends on the box. Static
+shapes need a bound, so each axis draws `adaptive_cap` sample slots per bin and
+masks the slots beyond the box's own count; the result is exact for every box
+whose count is at most the cap, and uses `adaptive_cap` evenly spaced samples
+(instead of more) for boxes beyond it.
 """
 
 from typing import Sequence
@@ -12,34 +19,57 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+LEVEL_RULES = ('detectron2', 'torchvision')
+
 
 def assign_levels(boxes: jnp.ndarray, min_level: int, max_level: int,
-                  canonical_size: float = 224.0, canonical_level: int = 4
-                  ) -> jnp.ndarray:
-    """FPN level of each [..., 4] box: floor(4 + log2(sqrt(area) / 224)), clamped."""
+                  canonical_size: float = 224.0, canonical_level: int = 4,
+                  rule: str = 'detectron2') -> jnp.ndarray:
+    """FPN level of each [..., 4] box: floor(4 + log2(sqrt(area) / 224)), clamped.
+
+    The references guard the floor with different epsilons: 'detectron2' takes
+    log2(s / 224 + 1e-8), 'torchvision' (its LevelMapper) log2(s / 224) + 1e-6.
+    """
+    if rule not in LEVEL_RULES:
+        raise ValueError(f'unknown level rule {rule!r}; expected one of {LEVEL_RULES}')
     w = boxes[..., 2] - boxes[..., 0]
     h = boxes[..., 3] - boxes[..., 1]
     size = jnp.sqrt(jnp.maximum(w * h, 0.0))
-    level = jnp.floor(canonical_level + jnp.log2(size / canonical_size + 1e-8))
+    if rule == 'detectron2':
+        level = jnp.floor(canonical_level + jnp.log2(size / canonical_size + 1e-8))
+    else:
+        level = jnp.floor(canonical_level + jnp.log2(size / canonical_size) + 1e-6)
     return jnp.clip(level, min_level, max_level).astype(jnp.int32)
 
 
-def _axis_samples(start, length, out_size, ratio, limit):
-    """Sample coordinates along one axis and their bilinear corners.
+def _axis_samples(start, length, out_size, slots, limit, count=None):
+    """Sample coordinates along one axis, their bilinear corners and weights.
 
     Args:
       start, length: [R] box start and extent in feature-map units.
-      out_size: bins along the axis. ratio: samples per bin.
+      out_size: bins along the axis. slots: sample slots per bin (static).
       limit: [R] feature-map size along the axis (of each box's level).
+      count: None to use all `slots` samples per bin, or [R] samples per bin of
+        each box (<= slots); the slots past it get zero weight.
 
     Returns:
       low, high: [R, P] int32 neighbouring indices; w_low, w_high: [R, P]
-      weights (zero for samples that fall outside the map). P = out_size * ratio.
+      weights, already divided by the samples per bin (zero for samples that
+      fall outside the map or past `count`). P = out_size * slots.
     """
-    steps = (jnp.arange(out_size * ratio, dtype=jnp.float32) + 0.5) / ratio
-    coord = start[:, None] + steps[None, :] * (length / out_size)[:, None]
+    bin_size = (length / out_size)[:, None]
+    slot = jnp.arange(out_size * slots)
+    bin_idx = (slot // slots).astype(jnp.float32)[None, :]
+    sub = (slot % slots).astype(jnp.float32)[None, :]
+    if count is None:
+        per_bin = jnp.full_like(start, float(slots))[:, None]
+        used = jnp.ones((1, out_size * slots), bool)
+    else:
+        per_bin = jnp.maximum(count, 1.0)[:, None]
+        used = sub < count[:, None]
+    coord = start[:, None] + bin_idx * bin_size + (sub + 0.5) * bin_size / per_bin
     limit = limit[:, None].astype(jnp.float32)
-    inside = (coord >= -1.0) & (coord <= limit)
+    inside = (coord >= -1.0) & (coord <= limit) & used
     coord = jnp.maximum(coord, 0.0)
     low = jnp.floor(coord)
     at_edge = low >= limit - 1
@@ -47,16 +77,17 @@ def _axis_samples(start, length, out_size, ratio, limit):
     high = jnp.where(at_edge, limit - 1, low + 1)
     coord = jnp.where(at_edge, low, coord)
     frac = coord - low
-    w_low = jnp.where(inside, 1.0 - frac, 0.0)
-    w_high = jnp.where(inside, frac, 0.0)
+    w_low = jnp.where(inside, (1.0 - frac) / per_bin, 0.0)
+    w_high = jnp.where(inside, frac / per_bin, 0.0)
     return low.astype(jnp.int32), high.astype(jnp.int32), w_low, w_high
 
 
 def multilevel_roi_align(features: Sequence[jnp.ndarray], strides: Sequence[int],
                          boxes: jnp.ndarray, output_size: int, sampling_ratio: int,
                          aligned: bool, min_level: int,
-                         canonical_size: float = 224.0, canonical_level: int = 4
-                         ) -> jnp.ndarray:
+                         canonical_size: float = 224.0, canonical_level: int = 4,
+                         level_rule: str = 'detectron2',
+                         adaptive_cap: int | None = None) -> jnp.ndarray:
     """Pools [R, 4] boxes from one image's pyramid.
 
     Args:
@@ -65,15 +96,20 @@ def multilevel_roi_align(features: Sequence[jnp.ndarray], strides: Sequence[int]
       strides: L strides (2 ** level).
       boxes: [R, 4] xyxy in image pixels.
       output_size: bins per side (7 for boxes, 14 for masks).
-      sampling_ratio: bilinear samples per bin and axis (> 0: static shapes).
+      sampling_ratio: bilinear samples per bin and axis; 0 selects adaptive
+        sampling, which needs `adaptive_cap`.
       aligned: shift by half a pixel (Detectron2's ROIAlignV2) when True.
       min_level: pyramid level of features[0].
+      canonical_size, canonical_level, level_rule: see `assign_levels`.
+      adaptive_cap: with sampling_ratio=0, the most samples per bin and axis.
 
     Returns:
       [R, output_size, output_size, C].
     """
-    if sampling_ratio <= 0:
-        raise ValueError(f'sampling_ratio must be positive for static shapes, got {sampling_ratio}')
+    if sampling_ratio < 0 or (sampling_ratio == 0 and not adaptive_cap):
+        raise ValueError(f'sampling_ratio must be positive, or 0 (adaptive) with a positive '
+                         f'adaptive_cap for static shapes; got sampling_ratio={sampling_ratio}, '
+                         f'adaptive_cap={adaptive_cap}')
     num_levels = len(features)
     channels = features[0].shape[-1]
     table = jnp.concatenate([f.reshape(-1, channels) for f in features], axis=0)
@@ -83,7 +119,7 @@ def multilevel_roi_align(features: Sequence[jnp.ndarray], strides: Sequence[int]
     widths = jnp.asarray([f.shape[1] for f in features])
 
     level = assign_levels(boxes, min_level, min_level + num_levels - 1,
-                          canonical_size, canonical_level) - min_level
+                          canonical_size, canonical_level, level_rule) - min_level
     scale = 1.0 / jnp.asarray(strides, jnp.float32)[level]
     shift = 0.5 if aligned else 0.0
     x0 = boxes[:, 0] * scale - shift
@@ -93,9 +129,15 @@ def multilevel_roi_align(features: Sequence[jnp.ndarray], strides: Sequence[int]
     if not aligned:  # torchvision's legacy mode forces boxes to at least 1x1.
         bw = jnp.maximum(bw, 1.0)
         bh = jnp.maximum(bh, 1.0)
+    if sampling_ratio > 0:
+        slots, count_y, count_x = sampling_ratio, None, None
+    else:
+        slots = adaptive_cap
+        count_y = jnp.minimum(jnp.ceil(bh / output_size), adaptive_cap)
+        count_x = jnp.minimum(jnp.ceil(bw / output_size), adaptive_cap)
     h_l, w_l = heights[level], widths[level]
-    y_lo, y_hi, wy_lo, wy_hi = _axis_samples(y0, bh, output_size, sampling_ratio, h_l)
-    x_lo, x_hi, wx_lo, wx_hi = _axis_samples(x0, bw, output_size, sampling_ratio, w_l)
+    y_lo, y_hi, wy_lo, wy_hi = _axis_samples(y0, bh, output_size, slots, h_l, count_y)
+    x_lo, x_hi, wx_lo, wx_hi = _axis_samples(x0, bw, output_size, slots, w_l, count_x)
 
     base = offsets[level][:, None, None]
     row_stride = w_l[:, None, None]
@@ -109,8 +151,8 @@ def multilevel_roi_align(features: Sequence[jnp.ndarray], strides: Sequence[int]
            + gather(y_hi, x_lo) * (wy_hi[:, :, None] * wx_lo[:, None, :])[..., None]
            + gather(y_hi, x_hi) * (wy_hi[:, :, None] * wx_hi[:, None, :])[..., None])
     r = boxes.shape[0]
-    out = out.reshape(r, output_size, sampling_ratio, output_size, sampling_ratio, channels)
-    return out.mean(axis=(2, 4))
+    out = out.reshape(r, output_size, slots, output_size, slots, channels)
+    return out.sum(axis=(2, 4))
 
 
 def crop_and_resize_masks(masks: jnp.ndarray, mask_boxes: jnp.ndarray,

@@ -30,17 +30,19 @@ class BasicBlock(nn.Module):
     norm: str
     train: bool
     dtype: Any = jnp.float32
+    norm_eps: float = 1e-5
 
     @nn.compact
     def __call__(self, x):
         out_channels = self.channels
+        norm = lambda name: make_norm(self.norm, self.train, self.dtype, name, eps=self.norm_eps)
         y = conv(out_channels, 3, self.stride, dtype=self.dtype, name='conv1')(x)
-        y = nn.relu(make_norm(self.norm, self.train, self.dtype, 'norm1')(y))
+        y = nn.relu(norm('norm1')(y))
         y = conv(out_channels, 3, dtype=self.dtype, name='conv2')(y)
-        y = make_norm(self.norm, self.train, self.dtype, 'norm2')(y)
+        y = norm('norm2')(y)
         if x.shape[-1] != out_channels or self.stride != 1:
             x = conv(out_channels, 1, self.stride, dtype=self.dtype, name='shortcut')(x)
-            x = make_norm(self.norm, self.train, self.dtype, 'shortcut_norm')(x)
+            x = norm('shortcut_norm')(x)
         return nn.relu(x + y)
 
 
@@ -51,20 +53,22 @@ class Bottleneck(nn.Module):
     train: bool
     stride_in_1x1: bool = False
     dtype: Any = jnp.float32
+    norm_eps: float = 1e-5
 
     @nn.compact
     def __call__(self, x):
         out_channels = 4 * self.channels
+        norm = lambda name: make_norm(self.norm, self.train, self.dtype, name, eps=self.norm_eps)
         s1, s3 = (self.stride, 1) if self.stride_in_1x1 else (1, self.stride)
         y = conv(self.channels, 1, s1, dtype=self.dtype, name='conv1')(x)
-        y = nn.relu(make_norm(self.norm, self.train, self.dtype, 'norm1')(y))
+        y = nn.relu(norm('norm1')(y))
         y = conv(self.channels, 3, s3, dtype=self.dtype, name='conv2')(y)
-        y = nn.relu(make_norm(self.norm, self.train, self.dtype, 'norm2')(y))
+        y = nn.relu(norm('norm2')(y))
         y = conv(out_channels, 1, dtype=self.dtype, name='conv3')(y)
-        y = make_norm(self.norm, self.train, self.dtype, 'norm3')(y)
+        y = norm('norm3')(y)
         if x.shape[-1] != out_channels or self.stride != 1:
             x = conv(out_channels, 1, self.stride, dtype=self.dtype, name='shortcut')(x)
-            x = make_norm(self.norm, self.train, self.dtype, 'shortcut_norm')(x)
+            x = norm('shortcut_norm')(x)
         return nn.relu(x + y)
 
 
@@ -78,12 +82,14 @@ class ResNet(nn.Module):
       freeze_at: 0 trains everything; 1 freezes the stem; k >= 2 also freezes
         res2..res{k} (Detectron2's FREEZE_AT). Frozen stages get no gradient.
       stride_in_1x1: downsample in the bottleneck's 1x1 conv (MSRA weights).
+      norm_eps: epsilon of the batch norms ('bn' and 'frozen_bn').
     """
     depth: int = 50
     width: int = 64
     norm: str = 'frozen_bn'
     freeze_at: int = 2
     stride_in_1x1: bool = False
+    norm_eps: float = 1e-5
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -94,7 +100,7 @@ class ResNet(nn.Module):
                              f'choose one of {sorted(RESNET_SPECS)}')
         blocks, bottleneck = RESNET_SPECS[self.depth]
         x = conv(self.width, 7, 2, dtype=self.dtype, name='stem_conv')(x.astype(self.dtype))
-        x = nn.relu(make_norm(self.norm, train, self.dtype, 'stem_norm')(x))
+        x = nn.relu(make_norm(self.norm, train, self.dtype, 'stem_norm', eps=self.norm_eps)(x))
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         if self.freeze_at >= 1:
             x = jax.lax.stop_gradient(x)
@@ -105,11 +111,11 @@ class ResNet(nn.Module):
                 stride = 2 if (i == 0 and stage > 0) else 1
                 if bottleneck:
                     block = Bottleneck(channels, stride, self.norm, train,
-                                       self.stride_in_1x1, self.dtype,
+                                       self.stride_in_1x1, self.dtype, self.norm_eps,
                                        name=f'res{stage + 2}_block{i}')
                 else:
                     block = BasicBlock(channels, stride, self.norm, train, self.dtype,
-                                       name=f'res{stage + 2}_block{i}')
+                                       self.norm_eps, name=f'res{stage + 2}_block{i}')
                 x = block(x)
             if self.freeze_at >= stage + 2:
                 x = jax.lax.stop_gradient(x)
