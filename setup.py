@@ -15,6 +15,7 @@ setuptools.setup(
         'absl-py',
         'clu>=0.0.10',
         'flax>=0.10',
+        'imgviz>=1.7',          # drawing predictions (predict, TensorBoard images)
         'jax>=0.4.35',
         'ml-collections>=0.1.1',
         'numpy>=1.26',
@@ -29,6 +30,7 @@ setuptools.setup(
         'tqdm',
     ],
     extras_require={
-        'test': ['pytest>=7', 'pytest-xdist', 'chex', 'imgviz'],
+        'test': ['pytest>=7', 'pytest-xdist', 'chex'],
+        'torch': ['torch', 'torchvision'],  # reading .pth checkpoints, golden files
     },
 )

@@ -24,6 +24,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset_configs.max_size = 1333
     config.dataset_configs.eval_min_size = 800
     config.dataset_configs.horizontal_flip = True
+    # Large-scale jitter instead of the shortest-side choice (see the LSJ config).
+    config.dataset_configs.large_scale_jitter = False
+    config.dataset_configs.lsj_scale_range = (0.1, 2.0)
+    # 'BGR' for Detectron2's MSRA weights (mean/std then given in BGR order).
+    config.dataset_configs.channel_order = 'RGB'
     # torchvision's ImageNet statistics in 0-255 RGB units.
     config.dataset_configs.pixel_mean = (123.675, 116.28, 103.53)
     config.dataset_configs.pixel_std = (58.395, 57.12, 57.375)
@@ -41,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.max_checkpoints_to_keep = 3
 
     config.optimizer_configs = ml_collections.ConfigDict()
+    config.optimizer_configs.optimizer = 'momentum'   # or 'adamw'
     config.optimizer_configs.momentum = 0.9
     config.optimizer_configs.weight_decay = 1e-4
     config.optimizer_configs.weight_decay_norm = 0.0
@@ -54,6 +60,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.lr_configs.decay_factor = 0.1
 
     config.init_from = ml_collections.ConfigDict()
-    config.init_from.checkpoint_path = None
-    config.eval_max_examples = None
+    config.init_from.checkpoint_path = ml_collections.config_dict.placeholder(str)
+    config.eval_max_examples = ml_collections.config_dict.placeholder(int)  # None: all
+    config.eval_only = False             # restore, evaluate once, exit
+    config.compute_validation_loss = True  # valid/total_loss next to the AP scalars
+    config.skip_nonfinite_steps = False  # True: skip and count non-finite steps
+                                         # instead of stopping with an error
     return config

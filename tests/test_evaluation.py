@@ -300,3 +300,30 @@ def test_bad_inputs_raise(gt):
               np.ones((MASK_SIZE, MASK_SIZE)))]]
     with pytest.raises(ValueError, match='1..3'):
         evaluator.add_batch(*_make_batch(dets, [1]))
+
+
+@pytest.mark.parametrize('segmentation', [None, []])
+def test_box_only_ground_truth_counts_for_boxes_and_is_ignored_for_masks(tmp_path, segmentation):
+    data = _ground_truth()
+    # Image 3 gets one annotation with a box but no mask (missing or empty).
+    box_only = {'id': 99, 'image_id': 3, 'category_id': 42, 'bbox': [20, 20, 30, 30],
+                'area': 900, 'iscrowd': 0}
+    if segmentation is not None:
+        box_only['segmentation'] = segmentation
+    data['annotations'].append(box_only)
+    path = tmp_path / 'with_box_only.json'
+    path.write_text(json.dumps(data))
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = coco.COCO(str(path))
+    dets = [_perfect_detections(coco_gt, i) for i in (1, 2)]
+    # A detection with a full-box mask on the box-only object of image 3.
+    dets.append([(np.array([20, 20, 50, 50], np.float32), LABEL_OF[42], 0.95,
+                  np.ones((MASK_SIZE, MASK_SIZE), np.float32))])
+    with_it = _evaluate(str(path), [_make_batch(dets[:2], [1, 2]), _make_batch(dets[2:], [3])])
+    without = _evaluate(str(path), [_make_batch(dets[:2], [1, 2]), _make_batch([[]], [3])])
+    # Boxes: the box-only object is a real object, found by the detection.
+    assert with_it['box_AP50'] == pytest.approx(100.0)
+    assert without['box_AP50'] < 100.0
+    # Masks: it is ignored, neither a hit nor a false positive.
+    assert with_it['mask_AP50'] == pytest.approx(without['mask_AP50'])
+    assert with_it['mask_AP50'] == pytest.approx(100.0)

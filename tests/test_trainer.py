@@ -61,7 +61,8 @@ def test_trains_evaluates_and_resumes(data_dir, tmp_path):
     assert set(k for k in metrics) >= {t.split('/')[1] for t in AP_TAGS}
     scalars = _scalars(workdir)
     for tag in AP_TAGS + ['train/total_loss', 'train/loss_mask', 'train/learning_rate',
-                          'train/images_per_sec']:
+                          'train/images_per_sec', 'valid/total_loss', 'valid/loss_mask',
+                          'valid/loss_rpn_cls']:
         assert tag in scalars, f'{tag} missing from TensorBoard; have {sorted(scalars)}'
     assert all(np.isfinite(v) for v in scalars['train/total_loss'].values())
     assert os.path.exists(os.path.join(workdir, 'coco_results.json'))
@@ -144,12 +145,17 @@ def test_norm_parameters_skip_decay_and_frozen_stages_do_not_move():
     (lambda c: c.lr_configs.__setitem__('base_lr', 0.1), 'lr_configs.base_lr'),
     (lambda c: c.__setitem__('batch_size', 0), 'batch_size'),
     (lambda c: c.dataset_configs.__setitem__('image_size', (100, 128)), 'image_size'),
+    (lambda c: c.__setitem__('batch_size', 6), r'batch_size=6 must be a positive multiple of the 4'),
+    (lambda c: c.optimizer_configs.__setitem__('optimizer', 'adam'), "optimizer='adam'"),
+    (lambda c: c.__setitem__('dtype', 'fp16'), "dtype='fp16'"),
+    (lambda c: c.init_from.__setitem__('checkpoint_path', '/no/such/ckpt'),
+     'init_from.checkpoint_path=/no/such/ckpt'),
 ])
 def test_config_errors_name_the_key(mutate, message):
     config = demo_shapes.get_config()
     mutate(config)
-    with pytest.raises((KeyError, ValueError), match=message):
-        config_check.check_config(config, num_devices=1)
+    with pytest.raises((KeyError, ValueError, FileNotFoundError), match=message):
+        config_check.check_config(config, num_devices=4)
 
 
 def test_unknown_model_key_is_named():

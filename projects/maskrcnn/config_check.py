@@ -1,6 +1,8 @@
 """Checks a config before anything is built: unknown keys and impossible values
 are one-line errors that name the key."""
 
+import os
+
 import ml_collections
 
 # Top-level keys the trainer reads (Scenic names where Scenic has one).
@@ -8,10 +10,13 @@ TOP_LEVEL_KEYS = {
     'experiment_name', 'rng_seed', 'dataset_name', 'dataset_configs', 'batch_size',
     'eval_batch_size', 'num_training_steps', 'log_summary_steps', 'log_eval_steps',
     'checkpoint_steps', 'max_checkpoints_to_keep', 'lr_configs', 'optimizer_configs',
-    'model', 'dtype', 'init_from', 'eval_max_examples', 'workdir_suffix', 'shuffle_seed', 'data_dtype_str',
+    'model', 'dtype', 'init_from', 'eval_max_examples', 'workdir_suffix', 'shuffle_seed',
+    'data_dtype_str', 'eval_only', 'skip_nonfinite_steps', 'compute_validation_loss',
+    'num_eval_images_to_show',
 }
 LR_KEYS = {'base_learning_rate', 'warmup_steps', 'warmup_factor', 'decay_steps', 'decay_factor'}
-OPTIMIZER_KEYS = {'momentum', 'nesterov', 'weight_decay', 'weight_decay_norm', 'grad_clip_norm'}
+OPTIMIZER_KEYS = {'optimizer', 'momentum', 'nesterov', 'beta1', 'beta2', 'eps', 'weight_decay',
+                  'weight_decay_norm', 'grad_clip_norm'}
 INIT_FROM_KEYS = {'checkpoint_path'}
 
 
@@ -29,6 +34,16 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _check_keys(config.optimizer_configs, OPTIMIZER_KEYS, 'config.optimizer_configs.')
     if config.get('init_from') is not None:
         _check_keys(config.init_from, INIT_FROM_KEYS, 'config.init_from.')
+        path = config.init_from.get('checkpoint_path')
+        if path and not os.path.exists(path):
+            raise FileNotFoundError(f'config.init_from.checkpoint_path={path} does not exist')
+    optimizer = config.optimizer_configs.get('optimizer', 'momentum')
+    if optimizer not in ('momentum', 'adamw'):
+        raise ValueError(f"config.optimizer_configs.optimizer={optimizer!r} must be 'momentum' "
+                         f"or 'adamw'")
+    if config.get('dtype', 'float32') not in ('float32', 'bfloat16', 'float16'):
+        raise ValueError(f"config.dtype={config.get('dtype')!r} must be 'float32', "
+                         f"'bfloat16' or 'float16'")
     for key in ('batch_size', 'eval_batch_size'):
         value = config.get(key)
         if not value or value % num_devices:

@@ -7,6 +7,7 @@ labels are contiguous 1..K and label k is the dataset's `category_ids[k - 1]`.
 """
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -237,7 +238,8 @@ class CocoEvaluator:
         image_ids = sorted(self._image_ids)
         iou_types = {'box': 'bbox', 'mask': 'segm'} if with_masks else {'box': 'bbox'}
         for prefix, iou_type in iou_types.items():
-            stats = _run_cocoeval(self._coco_gt, self._results, iou_type, image_ids)
+            gt = self._segm_ground_truth() if iou_type == 'segm' else self._coco_gt
+            stats = _run_cocoeval(gt, self._results, iou_type, image_ids)
             for name, value in zip(_STAT_NAMES, stats):
                 if value < 0:
                     logging.info('%s_%s: no ground truth in this size range; '
@@ -245,6 +247,27 @@ class CocoEvaluator:
                 metrics[f'{prefix}_{name}'] = 100.0 * max(float(value), 0.0)
         logging.info('COCO metrics on %d images: %s', len(image_ids), metrics)
         return metrics
+
+    def _segm_ground_truth(self) -> coco.COCO:
+        """The ground truth for mask AP: box-only annotations (no or empty
+        `segmentation`) become crowd regions covering their box, so a mask
+        predicted on them is ignored rather than counted as a false positive."""
+        if getattr(self, '_coco_gt_segm', None) is None:
+            dataset = copy.deepcopy(self._coco_gt.dataset)
+            box_only = 0
+            for ann in dataset.get('annotations', []):
+                if not ann.get('segmentation'):
+                    x, y, w, h = ann['bbox']
+                    ann['segmentation'] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+                    ann['iscrowd'] = 1
+                    box_only += 1
+            if box_only:
+                logging.info('Mask AP ignores %d box-only ground-truth annotations.', box_only)
+            self._coco_gt_segm = coco.COCO()
+            self._coco_gt_segm.dataset = dataset
+            with _stdout_to_log():
+                self._coco_gt_segm.createIndex()
+        return self._coco_gt_segm
 
     def _write_results(self) -> None:
         os.makedirs(self._output_dir, exist_ok=True)

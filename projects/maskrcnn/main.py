@@ -4,7 +4,14 @@
 
 Runs through Scenic's `scenic.app` when Scenic is installed, else through the
 in-project runtime with the same contract.
+
+Several processes (hosts) join one run through `jax.distributed` when launched
+with JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID in
+the environment, or with DETECTAX_DISTRIBUTED=1 where JAX detects the cluster
+itself (Cloud TPU pod slices, SLURM, Open MPI). See BUILD_NOTES.md.
 """
+
+import os
 
 from absl import logging
 from clu import metric_writers
@@ -30,6 +37,18 @@ def get_dataset(config: ml_collections.ConfigDict, data_rng: jax.Array):
     return dataset_lib.get_dataset_from_config(config, data_rng)
 
 
+def initialize_distributed() -> None:
+    """Joins a multi-process run described by the environment (see the module doc)."""
+    if os.environ.get('JAX_COORDINATOR_ADDRESS'):
+        missing = [k for k in ('JAX_NUM_PROCESSES', 'JAX_PROCESS_ID') if k not in os.environ]
+        if missing:
+            raise ValueError(f'JAX_COORDINATOR_ADDRESS is set but {", ".join(missing)} is not')
+        jax.distributed.initialize(num_processes=int(os.environ['JAX_NUM_PROCESSES']),
+                                   process_id=int(os.environ['JAX_PROCESS_ID']))
+    elif os.environ.get('DETECTAX_DISTRIBUTED', '0') not in ('', '0'):
+        jax.distributed.initialize()
+
+
 def main(rng: jax.Array, config: ml_collections.ConfigDict, workdir: str,
          writer: metric_writers.MetricWriter) -> None:
     logging.info('Detectax runtime: %s', runtime_name())
@@ -40,4 +59,5 @@ def main(rng: jax.Array, config: ml_collections.ConfigDict, workdir: str,
 
 
 if __name__ == '__main__':
+    initialize_distributed()
     app.run(main=main)

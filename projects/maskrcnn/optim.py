@@ -1,8 +1,10 @@
 """Optimizer and learning-rate schedule of the Detectron2 recipes, with optax.
 
-SGD with momentum; weight decay added to the gradient (as PyTorch's SGD) and
-skipped for norm parameters; frozen backbone stages get no update at all;
-linear warmup from `warmup_factor`, then step decay.
+SGD with momentum (`optimizer='momentum'`, the default): weight decay added to the
+gradient, as PyTorch's SGD. AdamW (`optimizer='adamw'`, as Detectron2's ViTDet recipes):
+decoupled weight decay. Either way weight decay is skipped for norm parameters, frozen
+backbone stages get no update at all, and the learning rate warms up linearly from
+`warmup_factor`, then decays in steps.
 """
 
 from typing import Any
@@ -12,6 +14,8 @@ import ml_collections
 import optax
 
 from projects.maskrcnn.modeling.backbones.resnet import frozen_prefixes
+
+OPTIMIZERS = ('momentum', 'adamw')
 
 
 def learning_rate_schedule(lr_configs: ml_collections.ConfigDict) -> optax.Schedule:
@@ -57,18 +61,28 @@ def build_optimizer(config: ml_collections.ConfigDict, params: Any
     opt = config.optimizer_configs
     schedule = learning_rate_schedule(config.lr_configs)
 
-    def sgd(weight_decay):
+    name = opt.get('optimizer', 'momentum')
+    if name not in OPTIMIZERS:
+        raise ValueError(f'config.optimizer_configs.optimizer={name!r} is not one of {OPTIMIZERS}')
+
+    def transform(weight_decay):
         steps = []
         if opt.get('grad_clip_norm'):
             steps.append(optax.clip_by_global_norm(opt.grad_clip_norm))
-        if weight_decay:
-            steps.append(optax.add_decayed_weights(weight_decay))
-        steps.append(optax.sgd(schedule, momentum=opt.momentum, nesterov=opt.get('nesterov', False)))
+        if name == 'adamw':
+            steps.append(optax.adamw(schedule, b1=opt.get('beta1', 0.9), b2=opt.get('beta2', 0.999),
+                                     eps=opt.get('eps', 1e-8), weight_decay=weight_decay))
+        else:
+            if weight_decay:
+                steps.append(optax.add_decayed_weights(weight_decay))
+            steps.append(optax.sgd(schedule, momentum=opt.momentum,
+                                   nesterov=opt.get('nesterov', False)))
         return optax.chain(*steps)
 
     freeze_at = config.model.backbone.get('freeze_at', 0)
     tx = optax.multi_transform(
-        {'decay': sgd(opt.weight_decay), 'no_decay': sgd(opt.get('weight_decay_norm', 0.0)),
+        {'decay': transform(opt.weight_decay),
+         'no_decay': transform(opt.get('weight_decay_norm', 0.0)),
          'frozen': optax.set_to_zero()},
         parameter_labels(params, freeze_at))
     return tx, schedule

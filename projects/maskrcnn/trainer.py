@@ -1,8 +1,12 @@
 """Training and evaluation loop: Scenic's trainer signature, built on jax.jit
 over a device mesh, optax, orbax and clu, so it runs with or without Scenic."""
 
+import dataclasses
 import functools
+import json
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -14,11 +18,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from projects.maskrcnn import config_check, evaluation, optim
+from projects.maskrcnn import config_check, evaluation, optim, visualization
 
-GT_KEYS = ('gt_boxes', 'gt_classes', 'gt_valid', 'gt_masks')
+GT_KEYS = ('gt_boxes', 'gt_classes', 'gt_valid', 'gt_masks', 'gt_has_mask')
 
 
 @flax.struct.dataclass
@@ -28,6 +33,9 @@ class TrainState:
     opt_state: Any
     model_state: Any  # every non-param collection: batch_stats, frozen
     rng: jnp.ndarray
+    # Steps whose update was skipped because the loss was not finite.
+    num_skipped: jnp.ndarray = dataclasses.field(
+        default_factory=lambda: jnp.zeros((), jnp.int32))
 
 
 # ----------------------------------------------------------------------------
@@ -42,6 +50,7 @@ def _dummy_batch(meta: dict, batch_size: int) -> dict:
             'gt_boxes': jnp.tile(jnp.asarray([0., 0., 16., 16.]), (batch_size, m, 1)),
             'gt_classes': jnp.ones((batch_size, m), jnp.int32),
             'gt_valid': jnp.zeros((batch_size, m), bool),
+            'gt_has_mask': jnp.ones((batch_size, m), bool),
             'gt_masks': jnp.zeros((batch_size, m, s, s))}
 
 
@@ -51,10 +60,13 @@ def init_variables(model, rng: jax.Array, meta: dict) -> dict:
     init = functools.partial(model.flax_model.init, train=True)
     params_rng, sampling_rng = jax.random.split(rng)
     return jax.jit(init)({'params': params_rng, 'sampling': sampling_rng}, batch['image'],
-                         batch['image_size'], {k: batch[k] for k in GT_KEYS})
+                         batch['image_size'], {k: batch[k] for k in GT_KEYS if k in batch})
 
 
-def train_step(state: TrainState, batch: dict, *, model, tx) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, batch: dict, *, model, tx,
+               skip_nonfinite: bool = False) -> tuple[TrainState, dict]:
+    """One SGD step. With `skip_nonfinite`, a step whose loss or gradient is not
+    finite leaves parameters and optimizer state unchanged (and is counted)."""
     step_rng, next_rng = jax.random.split(state.rng)
     sampling_rng = jax.random.fold_in(step_rng, state.step)
 
@@ -62,7 +74,7 @@ def train_step(state: TrainState, batch: dict, *, model, tx) -> tuple[TrainState
         variables = {'params': params, **state.model_state}
         mutable = [k for k in state.model_state if k == 'batch_stats']
         outputs, new_state = model.flax_model.apply(
-            variables, batch['image'], batch['image_size'], {k: batch[k] for k in GT_KEYS},
+            variables, batch['image'], batch['image_size'], {k: batch[k] for k in GT_KEYS if k in batch},
             train=True, rngs={'sampling': sampling_rng}, mutable=mutable)
         loss = model.loss_function(outputs, batch)
         return loss, (outputs, new_state)
@@ -73,9 +85,18 @@ def train_step(state: TrainState, batch: dict, *, model, tx) -> tuple[TrainState
     params = jax.tree_util.tree_map(lambda p, u: p + u, state.params, updates)
     metrics = model.get_metrics_fn('train')(outputs, batch)
     metrics['grad_norm'] = jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree_util.tree_leaves(grads)))
+    model_state = {**state.model_state, **new_model_state}
+    finite = jnp.isfinite(loss) & jnp.isfinite(metrics['grad_norm'])
+    num_skipped = state.num_skipped
+    if skip_nonfinite:
+        keep_new = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+            lambda n, o: jnp.where(finite, n, o), new, old)
+        params = keep_new(params, state.params)
+        opt_state = keep_new(opt_state, state.opt_state)
+        model_state = keep_new(model_state, state.model_state)
+        num_skipped = num_skipped + (~finite).astype(num_skipped.dtype)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              model_state={**state.model_state, **new_model_state},
-                              rng=next_rng)
+                              model_state=model_state, rng=next_rng, num_skipped=num_skipped)
     return new_state, metrics
 
 
@@ -84,12 +105,26 @@ def eval_step(state: TrainState, batch: dict, *, model) -> dict:
     return model.flax_model.apply(variables, batch['image'], batch['image_size'], train=False)
 
 
+def validation_loss_step(state: TrainState, batch: dict, *, model) -> dict:
+    """The training losses on a validation batch (fixed sampling RNG; batch-norm
+    statistics, if any, are not updated)."""
+    variables = {'params': state.params, **state.model_state}
+    mutable = [k for k in state.model_state if k == 'batch_stats']
+    outputs, _ = model.flax_model.apply(
+        variables, batch['image'], batch['image_size'], {k: batch[k] for k in GT_KEYS if k in batch},
+        train=True, rngs={'sampling': jax.random.PRNGKey(0)}, mutable=mutable)
+    metrics = model.get_metrics_fn('validation')(outputs, batch)
+    return {k: v for k, v in metrics.items() if k == 'total_loss' or k.startswith('loss_')}
+
+
 # ----------------------------------------------------------------------------
 # Checkpoints: orbax for the state, clu's iterator checkpoint for the data
 # ----------------------------------------------------------------------------
 
 def _data_state_path(workdir: str, step: int) -> str:
-    return os.path.join(workdir, 'data_state', f'step_{step}')
+    """Each process saves its own input-pipeline position."""
+    suffix = f'_process_{jax.process_index()}' if jax.process_count() > 1 else ''
+    return os.path.join(workdir, 'data_state', f'step_{step}{suffix}')
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, train_iter,
@@ -97,7 +132,7 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, train_ite
     step = int(jax.device_get(state.step))
     if manager.latest_step() == step:
         return
-    if hasattr(train_iter, 'save') and jax.process_index() == 0:
+    if hasattr(train_iter, 'save'):
         os.makedirs(os.path.join(workdir, 'data_state'), exist_ok=True)
         train_iter.save(_data_state_path(workdir, step))
     manager.save(step, args=ocp.args.StandardSave(state))
@@ -130,15 +165,26 @@ def load_init_checkpoint(path: str, params: Any, model_state: Any) -> tuple[Any,
     source = flax.traverse_util.flatten_dict(
         {'params': restored.get('params', {}), **restored.get('model_state', {})})
     target = flax.traverse_util.flatten_dict({'params': params, **model_state})
-    loaded, skipped = 0, []
+    loaded, other_shape, missing = 0, [], []
     for key, value in target.items():
-        if key in source and np.shape(source[key]) == np.shape(value):
+        name = '/'.join(key)
+        if key not in source:
+            missing.append(name)
+        elif np.shape(source[key]) != np.shape(value):
+            other_shape.append(f'{name} {np.shape(source[key])} -> {np.shape(value)}')
+        else:
             target[key] = jnp.asarray(source[key], value.dtype)
             loaded += 1
-        else:
-            skipped.append('/'.join(key))
-    logging.info('init_from %s: loaded %d arrays, kept %d at init: %s', path, loaded,
-                 len(skipped), ', '.join(skipped[:20]))
+    if not loaded:
+        raise ValueError(f'init_from {path}: no array of the checkpoint matches the model '
+                         f'by name and shape')
+    logging.info("init_from %s: loaded %d of the model's %d arrays", path, loaded, len(target))
+    if other_shape:
+        logging.warning('init_from: %d arrays have another shape in the checkpoint and keep '
+                        'their initial value: %s', len(other_shape), '; '.join(other_shape))
+    if missing:
+        logging.info('init_from: %d arrays are not in the checkpoint and keep their initial '
+                     'value: %s', len(missing), ', '.join(missing))
     merged = flax.traverse_util.unflatten_dict(target)
     return merged.pop('params'), merged
 
@@ -147,19 +193,72 @@ def load_init_checkpoint(path: str, params: Any, model_state: Any) -> tuple[Any,
 # Evaluation
 # ----------------------------------------------------------------------------
 
-def evaluate(state: TrainState, eval_fn, dataset, config, workdir: str, put) -> dict:
+def _host_batch(batch: dict, keys: tuple[str, ...]) -> dict:
+    """The host-side fields of this process's part of a batch, gathered from all
+    processes (in process order, as the global batch is laid out)."""
+    local = {k: np.asarray(batch[k]) for k in keys}
+    if jax.process_count() == 1:
+        return local
+    return multihost_utils.process_allgather(local, tiled=True)
+
+
+def evaluate(state: TrainState, eval_fn, loss_fn, dataset, config, workdir: str, put
+             ) -> tuple[dict, dict]:
+    """COCO box and mask AP on the validation split and, with `loss_fn`, the
+    validation losses (`total_loss`, `loss_*`: the mean over images; a padded
+    image of the last batch counts as an image without objects).
+
+    Returns the metrics and, on process 0, prediction | ground-truth images of
+    the first `config.num_eval_images_to_show` validation images.
+    """
     meta = dataset.meta_data
-    evaluator = evaluation.CocoEvaluator(meta['val_annotations_file'], meta['category_ids'],
-                                         output_dir=workdir)
-    seen = 0
+    evaluator = evaluation.CocoEvaluator(
+        meta['val_annotations_file'], meta['category_ids'],
+        output_dir=workdir if jax.process_index() == 0 else None)
+    seen, loss_sums, loss_weight, images = 0, {}, 0.0, {}
+    num_images = config.get('num_eval_images_to_show', 4) if jax.process_index() == 0 else 0
     max_examples = config.get('eval_max_examples')
     for batch in dataset.valid_iter():
-        predictions = jax.device_get(eval_fn(state, put({k: batch[k] for k in ('image', 'image_size')})))
-        evaluator.add_batch(predictions, batch)
-        seen += int(batch['batch_mask'].sum())
+        device_batch = put({k: batch[k] for k in ('image', 'image_size', *GT_KEYS) if k in batch})
+        predictions = jax.device_get(eval_fn(state, device_batch))
+        host = _host_batch(batch, ('image_id', 'orig_size', 'image_scale', 'batch_mask'))
+        evaluator.add_batch(predictions, host)
+        if len(images) < num_images:
+            # This process's examples are the first rows of the replicated predictions.
+            images.update(visualization.eval_image_summaries(
+                batch, predictions, meta['category_names'], pixel_mean=meta['pixel_mean'],
+                pixel_std=meta['pixel_std'], channel_order=meta['channel_order'],
+                max_images=num_images - len(images)))
+        real = float(host['batch_mask'].sum())
+        if loss_fn is not None and real:
+            for k, v in jax.device_get(loss_fn(state, device_batch)).items():
+                loss_sums[k] = loss_sums.get(k, 0.0) + float(v) * real
+            loss_weight += real
+        seen += int(real)
         if max_examples and seen >= max_examples:
             break
-    return evaluator.compute_metrics()
+    metrics = evaluator.compute_metrics()
+    metrics.update({k: v / loss_weight for k, v in loss_sums.items()})
+    return metrics, images
+
+
+def save_categories(workdir: str, meta: dict) -> None:
+    """Writes workdir/categories.json (label k is entry k - 1, COCO's "categories"
+    format) so that predict and export name the classes without the dataset."""
+    os.makedirs(workdir, exist_ok=True)
+    categories = [{'id': int(i), 'name': str(n)}
+                  for i, n in zip(meta['category_ids'], meta['category_names'])]
+    with open(os.path.join(workdir, 'categories.json'), 'w', encoding='utf-8') as f:
+        json.dump({'categories': categories}, f, indent=1)
+
+
+def _barrier(name: str, timeout_s: int = 1800) -> None:
+    """Waits for every process (jax.distributed's coordination service, not a
+    device collective: CPU collectives give up when peers are 30 s apart)."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
 
 
 def data_parallel_mesh() -> jax.sharding.Mesh:
@@ -174,15 +273,80 @@ def data_parallel_mesh() -> jax.sharding.Mesh:
 # The loop
 # ----------------------------------------------------------------------------
 
+class _StopSignal:
+    """Records SIGTERM (a preemption or a scheduler's stop) so that the loop can
+    save a checkpoint at the next step boundary and return cleanly."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        del frame
+        logging.warning('Received signal %d: saving a checkpoint and stopping.', signum)
+        self.received = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            # jax.distributed's preemption notice: all processes agree on the step.
+            return multihost_utils.reached_preemption_sync_point(step)
+        return self.received
+
+
+def _check_finite(history: list[dict], first_step: int, manager: ocp.CheckpointManager,
+                  skip_nonfinite: bool) -> None:
+    """Raises at the first step of `history` whose loss is not finite, naming
+    the step, the terms that went non-finite and the last good checkpoint."""
+    if skip_nonfinite:
+        return
+    for offset, metrics in enumerate(history):
+        bad = sorted(k for k, v in metrics.items() if not np.all(np.isfinite(v)))
+        if bad:
+            last = manager.latest_step()
+            where = (f'the last good checkpoint is step {last} in {manager.directory}'
+                     if last is not None else 'no checkpoint was saved yet')
+            raise FloatingPointError(
+                f'Training diverged: non-finite {", ".join(bad)} at step {first_step + offset}; '
+                f'{where}. Lower the learning rate or add '
+                f'config.optimizer_configs.grad_clip_norm, or set '
+                f'config.skip_nonfinite_steps=True to skip such steps and count them.')
+
+
+def _summarise(history: list[dict]) -> dict:
+    """Mean of each metric over the finite values of the logged steps."""
+    summary = {}
+    for key in history[0]:
+        values = np.asarray([m[key] for m in history], np.float64)
+        finite = values[np.isfinite(values)]
+        summary[key] = float(finite.mean()) if finite.size else float('nan')
+    return summary
+
+
 def train_and_evaluate(*, rng: jax.Array, config: ml_collections.ConfigDict, model_cls,
                        dataset, workdir: str, writer: metric_writers.MetricWriter
                        ) -> tuple[TrainState, dict]:
     """Trains `model_cls` on `dataset`, evaluating and checkpointing in `workdir`.
 
+    The same command resumes from the workdir's last checkpoint (parameters,
+    optimizer, RNG and input position). SIGTERM saves a checkpoint and returns.
+    With `config.eval_only`, restores the workdir's checkpoint (or `init_from`),
+    evaluates once and returns.
+
     Returns the final state and the last evaluation metrics.
     """
     config_check.check_config(config, jax.device_count())
     model = model_cls(config, dataset.meta_data)
+    if jax.process_index() == 0:
+        save_categories(workdir, dataset.meta_data)
     mesh = data_parallel_mesh()
     replicated = NamedSharding(mesh, P())
     data_sharding = NamedSharding(mesh, P('data'))
@@ -202,6 +366,7 @@ def train_and_evaluate(*, rng: jax.Array, config: ml_collections.ConfigDict, mod
     tx, schedule = optim.build_optimizer(config, params)
     state = TrainState(step=jnp.asarray(0, jnp.int32), params=params,
                        opt_state=tx.init(params), model_state=model_state, rng=state_rng)
+    _barrier('detectax_init')
     state = jax.device_put(state, replicated)
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     logging.info('Model has %.2fM parameters', num_params / 1e6)
@@ -213,51 +378,84 @@ def train_and_evaluate(*, rng: jax.Array, config: ml_collections.ConfigDict, mod
     state = restore_checkpoint(manager, state, dataset.train_iter, workdir)
     start_step = int(jax.device_get(state.step))
 
-    train_fn = jax.jit(functools.partial(train_step, model=model, tx=tx),
+    skip_nonfinite = bool(config.get('skip_nonfinite_steps', False))
+    train_fn = jax.jit(functools.partial(train_step, model=model, tx=tx,
+                                         skip_nonfinite=skip_nonfinite),
                        in_shardings=(replicated, data_sharding),
                        out_shardings=(replicated, replicated), donate_argnums=(0,))
+    # Outputs replicated: every process sees every prediction (multi-process eval).
     eval_fn = jax.jit(functools.partial(eval_step, model=model),
-                      in_shardings=(replicated, data_sharding))
+                      in_shardings=(replicated, data_sharding), out_shardings=replicated)
+    loss_fn = None
+    if config.get('compute_validation_loss', True):
+        loss_fn = jax.jit(functools.partial(validation_loss_step, model=model),
+                          in_shardings=(replicated, data_sharding), out_shardings=replicated)
+
+    def run_eval(step):
+        metrics, images = evaluate(state, eval_fn, loss_fn, dataset, config, workdir, put)
+        writer.write_scalars(step, {f'valid/{k}': v for k, v in metrics.items()})
+        if images:
+            writer.write_images(step, images)
+        logging.info('eval at step %d: %s', step,
+                     ', '.join(f'{k}={v:.4g}' for k, v in metrics.items()))
+        return metrics
+
+    total_steps = config.num_training_steps
+    if config.get('eval_only'):
+        if start_step == 0 and not (config.get('init_from') and
+                                    config.init_from.get('checkpoint_path')):
+            logging.warning('eval_only without a checkpoint in %s or config.init_from: '
+                            'evaluating randomly initialised parameters.', workdir)
+        logging.info('eval_only: evaluating the parameters of step %d.', start_step)
+        eval_metrics = run_eval(start_step)
+        manager.close()
+        writer.flush()
+        return state, eval_metrics
 
     if start_step == 0:
         writer.write_texts(0, {'config': f'```\n{config}\n```'})
-    total_steps = config.num_training_steps
     report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                              every_steps=config.log_summary_steps)
     eval_every = config.get('log_eval_steps') or total_steps
-    history, last_log, eval_metrics = [], time.time(), {}
+    history, history_start, last_log, eval_metrics = [], start_step + 1, time.time(), {}
     logging.info('Training from step %d to %d', start_step, total_steps)
-    for step in range(start_step + 1, total_steps + 1):
-        with jax.profiler.StepTraceAnnotation('train', step_num=step):
-            batch = put(next(dataset.train_iter))
-            state, metrics = train_fn(state, batch)
-        history.append(metrics)
-        report(step)
-        if step % config.log_summary_steps == 0 or step == total_steps:
-            summary = jax.tree_util.tree_map(lambda *x: float(np.mean(x)),
-                                             *jax.device_get(history))
-            elapsed = time.time() - last_log
-            summary['images_per_sec'] = len(history) * config.batch_size / elapsed
-            summary['learning_rate'] = float(schedule(step - 1))
-            if not np.isfinite(summary['total_loss']):
-                raise FloatingPointError(f'non-finite loss at step {step}: {summary}')
-            writer.write_scalars(step, {f'train/{k}': v for k, v in summary.items()})
-            logging.info('step %d: %s', step, ', '.join(f'{k}={v:.4g}' for k, v in summary.items()))
-            history, last_log = [], time.time()
-        if step % config.checkpoint_steps == 0 or step == total_steps:
-            save_checkpoint(manager, state, dataset.train_iter, workdir)
-        if step % eval_every == 0 or step == total_steps:
-            with report.timed('eval'):
-                eval_metrics = evaluate(state, eval_fn, dataset, config, workdir, put)
-            writer.write_scalars(step, {f'valid/{k}': v for k, v in eval_metrics.items()})
-            logging.info('eval at step %d: %s', step,
-                         ', '.join(f'{k}={v:.2f}' for k, v in eval_metrics.items()))
-            last_log = time.time()
-        writer.flush()
+    with _StopSignal() as stop:
+        for step in range(start_step + 1, total_steps + 1):
+            with jax.profiler.StepTraceAnnotation('train', step_num=step):
+                batch = put(next(dataset.train_iter))
+                state, metrics = train_fn(state, batch)
+            history.append(metrics)
+            report(step)
+            stopping = stop.should_stop(step)
+            is_last = step == total_steps
+            save = step % config.checkpoint_steps == 0 or is_last or stopping
+            if step % config.log_summary_steps == 0 or save:
+                history = jax.device_get(history)
+                _check_finite(history, history_start, manager, skip_nonfinite)
+                summary = _summarise(history)
+                elapsed = time.time() - last_log
+                summary['images_per_sec'] = len(history) * config.batch_size / elapsed
+                summary['learning_rate'] = float(schedule(step - 1))
+                if skip_nonfinite:
+                    summary['skipped_steps'] = float(jax.device_get(state.num_skipped))
+                writer.write_scalars(step, {f'train/{k}': v for k, v in summary.items()})
+                logging.info('step %d: %s', step,
+                             ', '.join(f'{k}={v:.4g}' for k, v in summary.items()))
+                history, history_start, last_log = [], step + 1, time.time()
+            if save:
+                save_checkpoint(manager, state, dataset.train_iter, workdir)
+            if stopping:
+                logging.warning('Stopped by signal at step %d; the same command resumes.',
+                                step)
+                break
+            if step % eval_every == 0 or is_last:
+                with report.timed('eval'):
+                    eval_metrics = run_eval(step)
+                last_log = time.time()
+            writer.flush()
     if start_step >= total_steps:
         logging.info('Already trained for %d steps; evaluating the final checkpoint.', start_step)
-        eval_metrics = evaluate(state, eval_fn, dataset, config, workdir, put)
-        writer.write_scalars(start_step, {f'valid/{k}': v for k, v in eval_metrics.items()})
+        eval_metrics = run_eval(start_step)
     manager.close()
     writer.flush()
     return state, eval_metrics

@@ -1,0 +1,74 @@
+"""Helpers for tests that run training in subprocesses and read TensorBoard files."""
+
+import glob
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import tensorflow as tf
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAIN = os.path.join(REPO, 'projects', 'maskrcnn', 'main.py')
+TINY_CONFIG = os.path.join(REPO, 'tests', 'tiny_shapes_config.py')
+
+
+def scalars(workdir: str) -> dict[str, dict[int, float]]:
+    """{tag: {step: value}} from the TensorBoard files under `workdir`; a step
+    written twice (a run restarted after a crash) keeps its last value."""
+    values = {}
+    paths = sorted(glob.glob(os.path.join(workdir, '**', 'events.out.tfevents.*'),
+                             recursive=True), key=os.path.getmtime)
+    for path in paths:
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for v in event.summary.value:
+                value = tf.make_ndarray(v.tensor) if v.HasField('tensor') else v.simple_value
+                if np.asarray(value).dtype.kind in 'fiu':  # not the config text
+                    values.setdefault(v.tag, {})[event.step] = float(np.asarray(value))
+    return values
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a training subprocess: CPU, quiet TensorFlow, and the
+    test session's persistent compilation cache (so each run compiles once)."""
+    env = dict(os.environ)
+    env.update(JAX_PLATFORMS='cpu', TF_CPP_MIN_LOG_LEVEL='2',
+               JAX_COMPILATION_CACHE_DIR=os.path.join(tempfile.gettempdir(),
+                                                      'detectax_test_jax_cache'),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.5',
+               PYTHONPATH=REPO + os.pathsep + env.get('PYTHONPATH', ''))
+    env.pop('XLA_FLAGS', None)
+    env.update(extra)
+    return env
+
+
+def main_command(workdir: str, data_dir: str, *overrides: str) -> list[str]:
+    """`main.py` on the tiny shapes config, as a user would type it."""
+    return [sys.executable, MAIN, f'--config={TINY_CONFIG}', f'--workdir={workdir}',
+            f'--config.dataset_configs.data_dir={data_dir}', *overrides]
+
+
+def run(command: list[str], env: dict[str, str], timeout: float = 600,
+        signal_on: str | None = None, sig: int = signal.SIGKILL
+        ) -> tuple[int, str]:
+    """Runs `command`; with `signal_on`, sends `sig` as soon as a line of its
+    output contains that text. Returns the exit code and the output."""
+    proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines, sent = [], False
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if signal_on and not sent and signal_on in line:
+                proc.send_signal(sig)
+                sent = True
+        code = proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = ''.join(lines)
+    if signal_on and not sent:
+        raise AssertionError(f'{signal_on!r} never appeared in the output:\n{output[-3000:]}')
+    return code, output
