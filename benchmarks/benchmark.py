@@ -38,7 +38,6 @@ import time
 from absl import app, flags
 import jax
 import jax.numpy as jnp
-import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
@@ -57,6 +56,8 @@ _NUM_CLASSES = flags.DEFINE_integer('num_classes', 80, 'Foreground classes.')
 _INSTANCES = flags.DEFINE_integer('instances', 3, 'Ground-truth instances per training image.')
 _TV_PYTHON = flags.DEFINE_string('torchvision_python', None,
                                  'Python with torch + torchvision; none: skip torchvision.')
+_TV_THREADS = flags.DEFINE_integer('torchvision_threads', None,
+                                   'torch.set_num_threads for torchvision (default: all cores).')
 _APPEND = flags.DEFINE_string('append', None, 'Markdown file to append the table to.')
 _PEAK_FLOPS = flags.DEFINE_float('peak_flops', None,
                                  'Machine peak FLOP/s; default: measured f32 matmul rate.')
@@ -198,7 +199,8 @@ def time_train(model, tx, state, batch, steps: int, warmup: int) -> dict:
 
 
 def run_torchvision(python: str, config, height: int, width: int, batch: int, mode: str,
-                    steps: int, warmup: int, num_classes: int, instances: int) -> dict:
+                    steps: int, warmup: int, num_classes: int, instances: int,
+                    threads: int | None = None) -> dict:
     rpn, roi = config.model.rpn, config.model.roi_heads
     cmd = [python, _CHILD, f'--height={height}', f'--width={width}', f'--batch={batch}',
            f'--mode={mode}', f'--steps={steps}', f'--warmup={warmup}',
@@ -206,7 +208,8 @@ def run_torchvision(python: str, config, height: int, width: int, batch: int, mo
            f'--pre_nms_train={rpn.pre_nms_topk_train}',
            f'--post_nms_train={rpn.post_nms_topk_train}',
            f'--pre_nms_test={rpn.pre_nms_topk_test}', f'--post_nms_test={rpn.post_nms_topk_test}',
-           f'--rois_per_image={roi.batch_size_per_image}']
+           f'--rois_per_image={roi.batch_size_per_image}',
+           f'--threads={threads or os.cpu_count()}']
     env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'VIRTUAL_ENV')}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode:
@@ -306,7 +309,8 @@ def main(argv):
     tv = None
     if _TV_PYTHON.value:
         tv = run_torchvision(_TV_PYTHON.value, config, height, width, _BATCH.value, mode,
-                             _STEPS.value, _WARMUP.value, _NUM_CLASSES.value, _INSTANCES.value)
+                             _STEPS.value, _WARMUP.value, _NUM_CLASSES.value, _INSTANCES.value,
+                             _TV_THREADS.value)
     peak = _PEAK_FLOPS.value
     peak_note = 'given by --peak_flops'
     if not peak:

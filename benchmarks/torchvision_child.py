@@ -125,9 +125,10 @@ def main():
     parser.add_argument('--pre_nms_test', type=int, default=1000)
     parser.add_argument('--post_nms_test', type=int, default=1000)
     parser.add_argument('--rois_per_image', type=int, default=512)
+    parser.add_argument('--threads', type=int, default=os.cpu_count())
     args = parser.parse_args()
 
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     model = build_detector(args)

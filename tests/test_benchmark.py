@@ -1,0 +1,84 @@
+"""benchmarks/benchmark.py: the command runs on the tiny config and reports
+positive, consistent figures; the table's ratios and padding are right."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+
+from benchmarks import benchmark
+from tests import tiny_shapes_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _table(text: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip('|').split('|')]
+        if line.startswith('| ') and len(cells) == 4 and not cells[0].startswith('---'):
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_command_on_tiny_config_reports_positive_consistent_figures(tmp_path):
+    out_md = tmp_path / 'bench.md'
+    cmd = [sys.executable, '-m', 'benchmarks.benchmark', '--config=tests/tiny_shapes_config.py',
+           '--height=64', '--width=64', '--batch=2', '--mode=inference', '--steps=2',
+           '--peak_flops=1e11', f'--append={out_md}']
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out_md.read_text()
+    assert 'python -m benchmarks.benchmark --config=tests/tiny_shapes_config.py' in text
+    assert 'cores' in text and 'JAX' in text and '64x64 (padded 64x64), batch 2' in text
+    rows = _table(text)
+    for name in ('inference latency (s/batch)', 'inference images/s', 'inference compile (s)',
+                 'inference GFLOP per step (XLA)', 'peak host RSS (MB)'):
+        assert float(rows[name][0]) > 0, (name, rows[name])
+    assert re.fullmatch(r'[0-9.e+-]+ \([0-9]+% of peak\)', rows['inference achieved GFLOP/s'][0])
+    # Two images per step: images/s is twice the inverse latency.
+    latency, per_s = float(rows['inference latency (s/batch)'][0]), float(
+        rows['inference images/s'][0])
+    np.testing.assert_allclose(latency * per_s, 2.0, rtol=0.01)
+    assert rows['inference latency (s/batch)'][1] == '-'   # torchvision not run
+    assert 'training step (s)' not in rows
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result['torchvision'] is None and result['peak_flops'] == 1e11
+    assert len(result['detectax']['inference']['times_s']) == 2
+    assert result['detectax']['inference']['flops'] > 1e6
+
+
+def test_speed_up_column_divides_the_right_way():
+    dx = {'inference': {'latency_s': 1.0, 'images_per_s': 1.0, 'compile_s': 5.0, 'flops': 2e9},
+          'train': {'step_s': 4.0, 'images_per_s': 0.5, 'compile_s': 9.0, 'flops': None},
+          'peak_rss_mb': 100.0, 'device_peak_bytes': None}
+    tv = {'inference': {'latency_s': 3.0, 'images_per_s': 1 / 3},
+          'train': {'step_s': 2.0, 'images_per_s': 1.0}, 'peak_rss_mb': 50.0}
+    rows = {r[0]: r[1:] for r in benchmark.table_rows(dx, tv, peak_flops=4e9)}
+    assert rows['inference latency (s/batch)'] == ('1', '3', '3x')
+    assert rows['inference images/s'][2] == '3x'
+    assert rows['training step (s)'] == ('4', '2', '0.5x')   # Detectax slower
+    assert rows['train images/s'][2] == '0.5x'
+    assert rows['inference achieved GFLOP/s'][0] == '2 (50% of peak)'
+    assert rows['train GFLOP per step (XLA)'][0] == '-'
+    assert rows['peak device memory (MB)'][0] == '-'
+
+
+def test_padding_and_synthetic_batch():
+    assert benchmark.padded_size(800, 1216, 64) == (832, 1216)
+    assert benchmark.padded_size(512, 512, 64) == (512, 512)
+    config = tiny_shapes_config.get_config()
+    batch = benchmark.synthetic_batch(config, 2, 60, 50, (64, 64), instances=3, num_classes=5)
+    m = config.dataset_configs.max_instances
+    assert batch['image'].shape == (2, 64, 64, 3)
+    assert not batch['image'][:, 60:].any() and not batch['image'][:, :, 50:].any()
+    assert batch['gt_valid'].sum(1).tolist() == [3, 3] and batch['gt_boxes'].shape == (2, m, 4)
+    boxes = batch['gt_boxes'][batch['gt_valid']]
+    assert (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+    assert (batch['gt_classes'] >= 1).all() and (batch['gt_classes'] <= 5).all()
+    assert batch['gt_masks'][batch['gt_valid']].min() == 1.0
+    assert batch['gt_masks'][~batch['gt_valid']].max() == 0.0
