@@ -154,6 +154,7 @@ class CocoEvaluator:
             raise ValueError(f'Category ids {sorted(unknown)} are not in '
                              f'{annotations_file}.')
         self._gt_image_ids = set(self._coco_gt.getImgIds())
+        self._coco_gt_segm = None  # built on first use by _segm_ground_truth
         self._output_dir = output_dir
         self._mask_threshold = mask_threshold
         self.reset()
@@ -252,7 +253,7 @@ class CocoEvaluator:
         """The ground truth for mask AP: box-only annotations (no or empty
         `segmentation`) become crowd regions covering their box, so a mask
         predicted on them is ignored rather than counted as a false positive."""
-        if getattr(self, '_coco_gt_segm', None) is None:
+        if self._coco_gt_segm is None:
             dataset = copy.deepcopy(self._coco_gt.dataset)
             box_only = 0
             for ann in dataset.get('annotations', []):

@@ -5,8 +5,6 @@ import dataclasses
 import functools
 import json
 import os
-import signal
-import threading
 import time
 from typing import Any
 
@@ -21,7 +19,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from projects.maskrcnn import config_check, evaluation, optim, visualization
+from projects.maskrcnn import config_check, evaluation, loop_utils, optim, visualization
 
 GT_KEYS = ('gt_boxes', 'gt_classes', 'gt_valid', 'gt_masks', 'gt_has_mask')
 
@@ -252,15 +250,6 @@ def save_categories(workdir: str, meta: dict) -> None:
         json.dump({'categories': categories}, f, indent=1)
 
 
-def _barrier(name: str, timeout_s: int = 1800) -> None:
-    """Waits for every process (jax.distributed's coordination service, not a
-    device collective: CPU collectives give up when peers are 30 s apart)."""
-    if jax.process_count() == 1:
-        return
-    from jax._src import distributed  # pylint: disable=g-import-not-at-top
-    distributed.global_state.client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
-
-
 def data_parallel_mesh() -> jax.sharding.Mesh:
     """A 1-D mesh over every device of every process, partitioned by the compiler."""
     auto = getattr(jax.sharding, 'AxisType', None)
@@ -272,64 +261,6 @@ def data_parallel_mesh() -> jax.sharding.Mesh:
 # ----------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------
-
-class _StopSignal:
-    """Records SIGTERM (a preemption or a scheduler's stop) so that the loop can
-    save a checkpoint at the next step boundary and return cleanly."""
-
-    def __init__(self):
-        self.received = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        del frame
-        logging.warning('Received signal %d: saving a checkpoint and stopping.', signum)
-        self.received = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def should_stop(self, step: int) -> bool:
-        if jax.process_count() > 1:
-            # jax.distributed's preemption notice: all processes agree on the step.
-            return multihost_utils.reached_preemption_sync_point(step)
-        return self.received
-
-
-def _check_finite(history: list[dict], first_step: int, manager: ocp.CheckpointManager,
-                  skip_nonfinite: bool) -> None:
-    """Raises at the first step of `history` whose loss is not finite, naming
-    the step, the terms that went non-finite and the last good checkpoint."""
-    if skip_nonfinite:
-        return
-    for offset, metrics in enumerate(history):
-        bad = sorted(k for k, v in metrics.items() if not np.all(np.isfinite(v)))
-        if bad:
-            last = manager.latest_step()
-            where = (f'the last good checkpoint is step {last} in {manager.directory}'
-                     if last is not None else 'no checkpoint was saved yet')
-            raise FloatingPointError(
-                f'Training diverged: non-finite {", ".join(bad)} at step {first_step + offset}; '
-                f'{where}. Lower the learning rate or add '
-                f'config.optimizer_configs.grad_clip_norm, or set '
-                f'config.skip_nonfinite_steps=True to skip such steps and count them.')
-
-
-def _summarise(history: list[dict]) -> dict:
-    """Mean of each metric over the finite values of the logged steps."""
-    summary = {}
-    for key in history[0]:
-        values = np.asarray([m[key] for m in history], np.float64)
-        finite = values[np.isfinite(values)]
-        summary[key] = float(finite.mean()) if finite.size else float('nan')
-    return summary
-
 
 def train_and_evaluate(*, rng: jax.Array, config: ml_collections.ConfigDict, model_cls,
                        dataset, workdir: str, writer: metric_writers.MetricWriter
@@ -366,7 +297,7 @@ def train_and_evaluate(*, rng: jax.Array, config: ml_collections.ConfigDict, mod
     tx, schedule = optim.build_optimizer(config, params)
     state = TrainState(step=jnp.asarray(0, jnp.int32), params=params,
                        opt_state=tx.init(params), model_state=model_state, rng=state_rng)
-    _barrier('detectax_init')
+    loop_utils.barrier('detectax_init')
     state = jax.device_put(state, replicated)
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     logging.info('Model has %.2fM parameters', num_params / 1e6)
@@ -419,7 +350,7 @@ def train_and_evaluate(*, rng: jax.Array, config: ml_collections.ConfigDict, mod
     eval_every = config.get('log_eval_steps') or total_steps
     history, history_start, last_log, eval_metrics = [], start_step + 1, time.time(), {}
     logging.info('Training from step %d to %d', start_step, total_steps)
-    with _StopSignal() as stop:
+    with loop_utils.StopSignal() as stop:
         for step in range(start_step + 1, total_steps + 1):
             with jax.profiler.StepTraceAnnotation('train', step_num=step):
                 batch = put(next(dataset.train_iter))
@@ -431,8 +362,8 @@ def train_and_evaluate(*, rng: jax.Array, config: ml_collections.ConfigDict, mod
             save = step % config.checkpoint_steps == 0 or is_last or stopping
             if step % config.log_summary_steps == 0 or save:
                 history = jax.device_get(history)
-                _check_finite(history, history_start, manager, skip_nonfinite)
-                summary = _summarise(history)
+                loop_utils.check_finite(history, history_start, manager, skip_nonfinite)
+                summary = loop_utils.summarise(history)
                 elapsed = time.time() - last_log
                 summary['images_per_sec'] = len(history) * config.batch_size / elapsed
                 summary['learning_rate'] = float(schedule(step - 1))
