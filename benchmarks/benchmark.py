@@ -44,25 +44,38 @@ import numpy as np
 from projects.maskrcnn import optim, trainer
 from projects.maskrcnn.model import MaskRCNNModel
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file.',
-                                          lock_config=False)
-_HEIGHT = flags.DEFINE_integer('height', 800, 'Image height (valid pixels).')
-_WIDTH = flags.DEFINE_integer('width', 1216, 'Image width (valid pixels).')
-_BATCH = flags.DEFINE_integer('batch', 1, 'Images per step.')
-_MODE = flags.DEFINE_enum('mode', 'both', ['inference', 'train', 'both'], 'What to time.')
-_STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps (median reported).')
-_WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed steps after compilation.')
-_NUM_CLASSES = flags.DEFINE_integer('num_classes', 80, 'Foreground classes.')
-_INSTANCES = flags.DEFINE_integer('instances', 3, 'Ground-truth instances per training image.')
-_TV_PYTHON = flags.DEFINE_string('torchvision_python', None,
-                                 'Python with torch + torchvision; none: skip torchvision.')
-_TV_THREADS = flags.DEFINE_integer('torchvision_threads', None,
-                                   'torch.set_num_threads for torchvision (default: all cores).')
-_APPEND = flags.DEFINE_string('append', None, 'Markdown file to append the table to.')
-_PEAK_FLOPS = flags.DEFINE_float('peak_flops', None,
-                                 'Machine peak FLOP/s; default: measured f32 matmul rate.')
-_PAD_MULTIPLE = flags.DEFINE_integer('pad_multiple', None,
-                                     'Pad H, W up to this multiple (default: largest FPN stride).')
+# Flag holders, set by define_flags() when run as a command (importing the module
+# defines no flags, so tests and other commands can import it).
+_CONFIG = _HEIGHT = _WIDTH = _BATCH = _MODE = _STEPS = _WARMUP = None
+_NUM_CLASSES = _INSTANCES = _TV_PYTHON = _TV_THREADS = _APPEND = _PEAK_FLOPS = None
+_PAD_MULTIPLE = None
+
+
+def define_flags() -> None:
+    """Defines the command's flags (absl allows each name once per process)."""
+    global _CONFIG, _HEIGHT, _WIDTH, _BATCH, _MODE, _STEPS, _WARMUP  # pylint: disable=global-statement
+    global _NUM_CLASSES, _INSTANCES, _TV_PYTHON, _TV_THREADS, _APPEND  # pylint: disable=global-statement
+    global _PEAK_FLOPS, _PAD_MULTIPLE  # pylint: disable=global-statement
+    _CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file.',
+                                              lock_config=False)
+    _HEIGHT = flags.DEFINE_integer('height', 800, 'Image height (valid pixels).')
+    _WIDTH = flags.DEFINE_integer('width', 1216, 'Image width (valid pixels).')
+    _BATCH = flags.DEFINE_integer('batch', 1, 'Images per step.')
+    _MODE = flags.DEFINE_enum('mode', 'both', ['inference', 'train', 'both'], 'What to time.')
+    _STEPS = flags.DEFINE_integer('steps', 3, 'Timed steps (median reported).')
+    _WARMUP = flags.DEFINE_integer('warmup', 1, 'Untimed steps after compilation.')
+    _NUM_CLASSES = flags.DEFINE_integer('num_classes', 80, 'Foreground classes.')
+    _INSTANCES = flags.DEFINE_integer('instances', 3, 'Ground-truth instances per training image.')
+    _TV_PYTHON = flags.DEFINE_string('torchvision_python', None,
+                                     'Python with torch + torchvision; none: skip torchvision.')
+    _TV_THREADS = flags.DEFINE_integer('torchvision_threads', None,
+                                       'torch.set_num_threads for torchvision (default: all cores).')
+    _APPEND = flags.DEFINE_string('append', None, 'Markdown file to append the table to.')
+    _PEAK_FLOPS = flags.DEFINE_float('peak_flops', None,
+                                     'Machine peak FLOP/s; default: measured f32 matmul rate.')
+    _PAD_MULTIPLE = flags.DEFINE_integer('pad_multiple', None,
+                                         'Pad H, W up to this multiple (default: largest FPN stride).')
+
 
 _CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'torchvision_child.py')
 
@@ -344,4 +357,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    define_flags()
     app.run(main)

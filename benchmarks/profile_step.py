@@ -24,14 +24,24 @@ import jax
 
 from benchmarks import benchmark
 
-# --config, --height, --width, --batch, --mode and --steps are benchmark.py's flags.
-_CONFIG, _HEIGHT, _WIDTH, _BATCH = (benchmark._CONFIG, benchmark._HEIGHT, benchmark._WIDTH,
-                                    benchmark._BATCH)
-_MODE, _STEPS = benchmark._MODE, benchmark._STEPS
-_TOP = flags.DEFINE_integer('top', 30, 'Rows to print.')
-_BY = flags.DEFINE_enum('by', 'op', ['op', 'scope'], 'Grouping.')
-_DEPTH = flags.DEFINE_integer('depth', 3, 'Scope parts kept with --by=scope.')
-_TRACE_DIR = flags.DEFINE_string('trace_dir', None, 'Keep the trace here (default: a tmp dir).')
+# Flag holders, set by define_flags(): benchmark.py's --config, --height, --width,
+# --batch, --mode and --steps, and this command's own.
+_CONFIG = _HEIGHT = _WIDTH = _BATCH = _MODE = _STEPS = None
+_TOP = _BY = _DEPTH = _TRACE_DIR = None
+
+
+def define_flags() -> None:
+    global _CONFIG, _HEIGHT, _WIDTH, _BATCH, _MODE, _STEPS  # pylint: disable=global-statement
+    global _TOP, _BY, _DEPTH, _TRACE_DIR  # pylint: disable=global-statement
+    benchmark.define_flags()
+    _CONFIG, _HEIGHT, _WIDTH, _BATCH = (benchmark._CONFIG, benchmark._HEIGHT, benchmark._WIDTH,
+                                        benchmark._BATCH)
+    _MODE, _STEPS = benchmark._MODE, benchmark._STEPS
+    _TOP = flags.DEFINE_integer('top', 30, 'Rows to print.')
+    _BY = flags.DEFINE_enum('by', 'op', ['op', 'scope'], 'Grouping.')
+    _DEPTH = flags.DEFINE_integer('depth', 3, 'Scope parts kept with --by=scope.')
+    _TRACE_DIR = flags.DEFINE_string('trace_dir', None,
+                                     'Keep the trace here (default: a tmp dir).')
 
 
 def op_scopes(hlo_text: str) -> dict[str, str]:
@@ -118,4 +128,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    define_flags()
     app.run(main)
