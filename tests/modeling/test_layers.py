@@ -81,3 +81,48 @@ def test_conv_uses_symmetric_padding(stride):
                          [6, 9, 9, 9, 6], [4, 6, 6, 6, 4]], np.float32)[::stride, ::stride]
     np.testing.assert_array_equal(out[0, ..., 0], expected)
     assert isinstance(module, nn.Conv)
+
+
+@pytest.mark.parametrize('shape,features,kernel,stride', [
+    ((2, 9, 11, 16), 8, 3, 1),     # odd sizes, 3x3
+    ((2, 10, 13, 32), 8, 3, 2),    # stride 2: taps at s*i + a, a padded edge on one side only
+    ((2, 9, 9, 32), 16, 1, 2),     # 1x1 stride-2 shortcut
+    ((1, 12, 12, 16), 4, 7, 2),    # large kernel
+])
+def test_tap_matmul_kernel_gradient_equals_xla(monkeypatch, shape, features, kernel, stride):
+    module = layers.conv(features, kernel, stride, use_bias=True)
+    x = jax.random.normal(jax.random.PRNGKey(1), shape)
+    params = module.init(jax.random.PRNGKey(0), x)
+
+    def loss(p, v):
+        return jnp.sum(jnp.sin(module.apply(p, v)) * jnp.arange(features))
+
+    grads = {}
+    for mode in ('taps', 'xla'):
+        monkeypatch.setenv('DETECTAX_CONV_KERNEL_GRAD', mode)
+        # A new jit per mode: the choice is made when the function is traced.
+        grads[mode] = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+    (p_taps, x_taps), (p_xla, x_xla) = grads['taps'], grads['xla']
+    scale = float(jnp.max(jnp.abs(p_xla['params']['kernel'])))
+    assert scale > 0
+    np.testing.assert_allclose(p_taps['params']['kernel'], p_xla['params']['kernel'],
+                               atol=1e-5 * scale)
+    np.testing.assert_allclose(x_taps, x_xla, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(p_taps['params']['bias'], p_xla['params']['bias'], rtol=1e-6)
+    # The forward pass is XLA's either way.
+    np.testing.assert_array_equal(module.apply(params, x), jax.lax.conv_general_dilated(
+        x, params['params']['kernel'], (stride, stride), [(kernel // 2,) * 2] * 2,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + params['params']['bias'])
+
+
+def test_tap_kernel_gradient_is_used_on_cpu_and_bad_mode_is_named(monkeypatch):
+    x = jnp.ones((1, 4, 4, 16))
+    w = jnp.ones((3, 3, 16, 2))
+    monkeypatch.setenv('DETECTAX_CONV_KERNEL_GRAD', 'auto')
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda k: jnp.sum(layers.conv_general_dilated(
+        x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')))))(w))
+    assert ('custom_vjp' in jaxpr) == (jax.default_backend() == 'cpu')
+    monkeypatch.setenv('DETECTAX_CONV_KERNEL_GRAD', 'fast')
+    with pytest.raises(ValueError, match="DETECTAX_CONV_KERNEL_GRAD='fast'"):
+        layers.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
