@@ -1,16 +1,18 @@
-r"""A 3x3 convolution's kernel gradient on XLA:CPU: XLA's own form against nine matmuls.
+r"""A convolution's kernel gradient on the CPU: XLA's own form against the project's tap matmuls.
 
-  python -m benchmarks.conv_grad_microbenchmark --shape=256,14,14,256 --features=256
+  python -m benchmarks.conv_grad_microbenchmark --shape=2,128,128,256 --features=256 --kernel=3 --stride=1
 
 The profile of a Detectax training step on the CPU (benchmarks/profile_step.py)
-puts the kernel gradients of 3x3 convolutions on top: XLA lowers each to a
-convolution whose window is the whole feature map and whose feature axis is the
-batch, a form XLA:CPU runs far below its matmul rate. The same gradient is the
-sum over the nine taps of (shifted input)^T @ (output gradient), nine matmuls
-that run at the matmul rate. This script times both, and the forward pass, on
-one shape (default: the mask head's 2 images x 128 RoIs of 14x14x256).
+put the kernel gradients of convolutions on top: XLA lowers each to a
+convolution whose window is the whole feature map, a form XLA:CPU runs far below
+its matmul rate. modeling/layers.py computes the same gradient as one matmul per
+kernel tap. This script times, on one layer shape, the forward convolution, the
+input gradient and the kernel gradient both ways (DETECTAX_CONV_KERNEL_GRAD=xla
+and =taps around the same `layers.conv_general_dilated`), and checks that the
+two kernel gradients agree.
 """
 
+import os
 import statistics
 import time
 
@@ -18,60 +20,77 @@ from absl import app, flags
 import jax
 import jax.numpy as jnp
 
-_SHAPE = flags.DEFINE_list('shape', ['256', '14', '14', '256'], 'Input N,H,W,C.')
-_FEATURES = flags.DEFINE_integer('features', 256, 'Output channels.')
-_REPS = flags.DEFINE_integer('reps', 3, 'Timed runs (median).')
+from projects.maskrcnn.modeling import layers
 
 
-def conv(x, w):
-    return jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
-                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+def define_flags() -> None:
+    flags.DEFINE_list('shape', ['256', '14', '14', '256'], 'Input N,H,W,C.')
+    flags.DEFINE_integer('features', 256, 'Output channels.')
+    flags.DEFINE_integer('kernel', 3, 'Kernel side.')
+    flags.DEFINE_integer('stride', 1, 'Stride.')
+    flags.DEFINE_integer('reps', 3, 'Timed runs (median).')
 
 
-def kernel_grad_xla(x, w, dy):
-    return jax.vjp(lambda k: conv(x, k), w)[1](dy)[0]
-
-
-def kernel_grad_taps(x, dy):
-    """d(conv)/d(kernel) of a 3x3 SAME conv as nine [C, NHW] x [NHW, F] matmuls."""
-    n, h, wd, c = x.shape
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    dy2 = dy.reshape(-1, dy.shape[-1])
-    taps = [xp[:, i:i + h, j:j + wd, :].reshape(-1, c).T @ dy2
-            for i in range(3) for j in range(3)]
-    return jnp.stack(taps).reshape(3, 3, c, dy.shape[-1])
-
-
-def _time(fn, *args) -> float:
+def _time(fn, *args, reps: int) -> float:
     jax.block_until_ready(fn(*args))
     times = []
-    for _ in range(_REPS.value):
+    for _ in range(reps):
         start = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
+def _jit_in_mode(fn, mode: str):
+    """jit(fn) traced with DETECTAX_CONV_KERNEL_GRAD=mode (the choice is made at trace time)."""
+    # A fresh function per mode: jit caches its traces by the function it wraps.
+    jitted = jax.jit(lambda *args: fn(*args))
+
+    def run(*args):
+        previous = os.environ.get('DETECTAX_CONV_KERNEL_GRAD')
+        os.environ['DETECTAX_CONV_KERNEL_GRAD'] = mode
+        try:
+            return jitted(*args)
+        finally:
+            if previous is None:
+                del os.environ['DETECTAX_CONV_KERNEL_GRAD']
+            else:
+                os.environ['DETECTAX_CONV_KERNEL_GRAD'] = previous
+    return run
+
+
 def main(argv):
     del argv
-    n, h, w, c = (int(s) for s in _SHAPE.value)
-    f = _FEATURES.value
+    f = flags.FLAGS
+    n, h, w, c = (int(s) for s in f.shape)
+    k, s, p = f.kernel, f.stride, f.kernel // 2
+
+    def conv(x, kernel):
+        return layers.conv_general_dilated(x, kernel, (s, s), ((p, p), (p, p)),
+                                           dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     x = jax.random.normal(keys[0], (n, h, w, c))
-    k = jax.random.normal(keys[1], (3, 3, c, f)) * 0.05
-    dy = jax.random.normal(keys[2], (n, h, w, f))
-    flops = 2 * n * h * w * 9 * c * f
-    xla = jax.jit(kernel_grad_xla)
-    taps = jax.jit(kernel_grad_taps)
-    err = float(jnp.max(jnp.abs(xla(x, k, dy) - taps(x, dy))) / jnp.max(jnp.abs(xla(x, k, dy))))
+    kernel = jax.random.normal(keys[1], (k, k, c, f.features)) * 0.05
+    y = jax.jit(conv)(x, kernel)
+    dy = jax.random.normal(keys[2], y.shape)
+    flops = 2 * y.size * k * k * c
+    kernel_grad = lambda x, kernel, dy: jax.vjp(lambda v: conv(x, v), kernel)[1](dy)[0]  # noqa: E731
+    input_grad = lambda x, kernel, dy: jax.vjp(lambda v: conv(v, kernel), x)[1](dy)[0]  # noqa: E731
+    xla, taps = _jit_in_mode(kernel_grad, 'xla'), _jit_in_mode(kernel_grad, 'taps')
+    reference = xla(x, kernel, dy)
+    err = float(jnp.max(jnp.abs(reference - taps(x, kernel, dy))) / jnp.max(jnp.abs(reference)))
     assert err < 1e-4, err
-    for name, fn, args in (('forward conv', jax.jit(conv), (x, k)),
-                           ('kernel grad, XLA', xla, (x, k, dy)),
-                           ('kernel grad, 9 matmuls', taps, (x, dy))):
-        t = _time(fn, *args)
-        print(f'{name:24s} {t * 1e3:8.1f} ms  {flops / t / 1e9:6.1f} GFLOP/s')
-    print(f'relative difference of the two gradients: {err:.1e}')
+    print(f'input {n}x{h}x{w}x{c}, {k}x{k} stride {s} -> {f.features}: {flops / 1e9:.2f} GFLOP each')
+    for name, fn, args in (('forward conv', _jit_in_mode(conv, 'xla'), (x, kernel)),
+                           ('input grad', _jit_in_mode(input_grad, 'xla'), (x, kernel, dy)),
+                           ('kernel grad, XLA', xla, (x, kernel, dy)),
+                           ('kernel grad, tap matmuls', taps, (x, kernel, dy))):
+        t = _time(fn, *args, reps=f.reps)
+        print(f'{name:26s} {t * 1e3:8.1f} ms  {flops / t / 1e9:6.1f} GFLOP/s')
+    print(f'relative difference of the two kernel gradients: {err:.1e}')
 
 
 if __name__ == '__main__':
+    define_flags()
     app.run(main)

@@ -82,3 +82,16 @@ def test_padding_and_synthetic_batch():
     assert (batch['gt_classes'] >= 1).all() and (batch['gt_classes'] <= 5).all()
     assert batch['gt_masks'][batch['gt_valid']].min() == 1.0
     assert batch['gt_masks'][~batch['gt_valid']].max() == 0.0
+
+
+def test_conv_grad_microbenchmark_times_both_kernel_gradients():
+    cmd = [sys.executable, '-m', 'benchmarks.conv_grad_microbenchmark', '--shape=1,9,7,16',
+           '--features=8', '--kernel=3', '--stride=2', '--reps=1']
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    times = dict(re.findall(r'^(forward conv|input grad|kernel grad, XLA|kernel grad, tap matmuls)'
+                            r'\s+([0-9.]+) ms', proc.stdout, re.M))
+    assert len(times) == 4 and all(float(t) > 0 for t in times.values()), proc.stdout
+    # The two kernel gradients agree (the command asserts it too and prints the difference).
+    err = float(re.search(r'kernel gradients: ([0-9.e+-]+)', proc.stdout).group(1))
+    assert err < 1e-4
