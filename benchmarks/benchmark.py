@@ -28,7 +28,6 @@ import functools
 import json
 import os
 import platform
-import resource
 import shlex
 import statistics
 import subprocess
@@ -41,6 +40,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from benchmarks.memory import peak_rss_mb
 from projects.maskrcnn import optim, trainer
 from projects.maskrcnn.model import MaskRCNNModel
 
@@ -77,7 +77,7 @@ def define_flags() -> None:
                                          'Pad H, W up to this multiple (default: largest FPN stride).')
 
 
-_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'torchvision_child.py')
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------------
@@ -135,18 +135,6 @@ def _compile(fn, *args) -> tuple[object, float]:
     start = time.perf_counter()
     compiled = fn.lower(*args).compile()
     return compiled, time.perf_counter() - start
-
-
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process (VmHWM; getrusage where /proc is missing)."""
-    try:
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith('VmHWM:'):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _device_peak_bytes() -> int | None:
@@ -215,7 +203,7 @@ def run_torchvision(python: str, config, height: int, width: int, batch: int, mo
                     steps: int, warmup: int, num_classes: int, instances: int,
                     threads: int | None = None) -> dict:
     rpn, roi = config.model.rpn, config.model.roi_heads
-    cmd = [python, _CHILD, f'--height={height}', f'--width={width}', f'--batch={batch}',
+    cmd = [python, '-m', 'benchmarks.torchvision_child', f'--height={height}', f'--width={width}', f'--batch={batch}',
            f'--mode={mode}', f'--steps={steps}', f'--warmup={warmup}',
            f'--num_classes={num_classes}', f'--instances={instances}',
            f'--pre_nms_train={rpn.pre_nms_topk_train}',
@@ -224,7 +212,7 @@ def run_torchvision(python: str, config, height: int, width: int, batch: int, mo
            f'--rois_per_image={roi.batch_size_per_image}',
            f'--threads={threads or os.cpu_count()}']
     env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'VIRTUAL_ENV')}
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=_REPO, check=False)
     if out.returncode:
         raise RuntimeError(f'torchvision child failed ({out.returncode}):\n{out.stderr[-3000:]}')
     return json.loads(out.stdout.strip().splitlines()[-1])

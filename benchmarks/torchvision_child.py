@@ -4,7 +4,7 @@ Run by benchmarks/benchmark.py with the torch interpreter (`--torchvision_python
 It imports neither jax nor this project, so it runs in a venv that has only
 torch and torchvision:
 
-  python benchmarks/torchvision_child.py --height=800 --width=1216 --batch=1 \\
+  python -m benchmarks.torchvision_child --height=800 --width=1216 --batch=1 \\
       --mode=inference --steps=3 --pre_nms_test=1000 --post_nms_test=1000
 
 The detector does the same work as Detectax's torchvision-convention config:
@@ -18,7 +18,6 @@ is not resized.
 import argparse
 import json
 import os
-import resource
 import statistics
 import time
 
@@ -27,6 +26,8 @@ import torchvision
 from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops import misc as misc_ops
+
+from benchmarks.memory import peak_rss_mb
 
 
 def build_detector(args) -> torch.nn.Module:
@@ -56,19 +57,6 @@ def synthetic_targets(args, generator: torch.Generator) -> list[dict]:
         targets.append({'boxes': torch.tensor(boxes, dtype=torch.float32), 'labels': labels,
                         'masks': masks})
     return targets
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. VmHWM, unlike getrusage's ru_maxrss,
-    is not inherited from the parent across fork and exec."""
-    try:
-        with open('/proc/self/status') as f:
-            for line in f:
-                if line.startswith('VmHWM:'):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _timed(fn, warmup: int, steps: int) -> list[float]:

@@ -1,18 +1,16 @@
 """Training-level tests: a few steps end to end, resume, retracing, config errors."""
 
-import glob
 import os
 
 import jax
 import numpy as np
 import pytest
-import tensorflow as tf
 from clu import metric_writers
 
 from configs import base, demo_shapes
 from projects.maskrcnn import config_check, main as main_lib, optim, trainer
 from projects.maskrcnn.model import MaskRCNNModel
-from tests import tiny_shapes_config as tiny_shapes
+from tests import run_utils, tiny_shapes_config as tiny_shapes
 
 AP_TAGS = [f'valid/{kind}_{stat}' for kind in ('box', 'mask')
            for stat in ('AP', 'AP50', 'AP75', 'APs', 'APm', 'APl')]
@@ -24,18 +22,6 @@ def _tiny_config(data_dir, **overrides):
     for key, value in overrides.items():
         config[key] = value
     return config
-
-
-def _scalars(workdir):
-    """{tag: {step: value}} from every TensorBoard event file under workdir."""
-    values = {}
-    for path in glob.glob(os.path.join(workdir, '**', 'events.out.tfevents.*'), recursive=True):
-        for event in tf.compat.v1.train.summary_iterator(path):
-            for v in event.summary.value:
-                value = tf.make_ndarray(v.tensor) if v.HasField('tensor') else v.simple_value
-                if np.asarray(value).dtype.kind in 'fiu':  # not the config text
-                    values.setdefault(v.tag, {})[event.step] = float(np.asarray(value))
-    return values
 
 
 def _run(config, workdir):
@@ -59,7 +45,7 @@ def test_trains_evaluates_and_resumes(data_dir, tmp_path):
     state, metrics = _run(_tiny_config(data_dir), workdir)
     assert int(state.step) == 4
     assert set(k for k in metrics) >= {t.split('/')[1] for t in AP_TAGS}
-    scalars = _scalars(workdir)
+    scalars = run_utils.scalars(workdir)
     for tag in AP_TAGS + ['train/total_loss', 'train/loss_mask', 'train/learning_rate',
                           'train/images_per_sec', 'valid/total_loss', 'valid/loss_mask',
                           'valid/loss_rpn_cls']:
@@ -71,7 +57,7 @@ def test_trains_evaluates_and_resumes(data_dir, tmp_path):
     # The same command with more steps continues from step 4, not from 0.
     resumed, _ = _run(_tiny_config(data_dir, num_training_steps=6), workdir)
     assert int(resumed.step) == 6
-    steps = sorted(_scalars(workdir)['train/total_loss'])
+    steps = sorted(run_utils.scalars(workdir)['train/total_loss'])
     assert steps == [2, 4, 6], steps
 
 
