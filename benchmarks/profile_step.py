@@ -89,11 +89,11 @@ def main(argv):
     stride = 2 ** (len(config.model.anchors.sizes) + 1)
     padded = benchmark.padded_size(_HEIGHT.value, _WIDTH.value, stride)
     config.dataset_configs.image_size = padded
-    meta = {'num_classes': 80, 'input_shape': (-1, *padded, 3),
+    meta = {'num_classes': benchmark._NUM_CLASSES.value, 'input_shape': (-1, *padded, 3),
             'max_instances': config.dataset_configs.get('max_instances', 100),
             'gt_mask_size': config.dataset_configs.get('gt_mask_size', 28)}
     batch = benchmark.synthetic_batch(config, _BATCH.value, _HEIGHT.value, _WIDTH.value, padded,
-                                      3, 80)
+                                      benchmark._INSTANCES.value, benchmark._NUM_CLASSES.value)
     model, tx, state = benchmark.build_state(config, meta)
     if _MODE.value == 'both':
         raise app.UsageError('--mode must be inference or train')

@@ -134,6 +134,8 @@ def test_norm_parameters_skip_decay_and_frozen_stages_do_not_move():
     (lambda c: c.__setitem__('batch_size', 6), r'batch_size=6 must be a positive multiple of the 4'),
     (lambda c: c.optimizer_configs.__setitem__('optimizer', 'adam'), "optimizer='adam'"),
     (lambda c: c.__setitem__('dtype', 'fp16'), "dtype='fp16'"),
+    (lambda c: c.model.roi_heads.__setitem__('roi_align_impl', 'dense'),
+     "model.roi_heads.roi_align_impl='dense'"),
     (lambda c: c.init_from.__setitem__('checkpoint_path', '/no/such/ckpt'),
      'init_from.checkpoint_path=/no/such/ckpt'),
 ])

@@ -5,6 +5,8 @@ import os
 
 import ml_collections
 
+from projects.maskrcnn.ops import roi_align
+
 # Top-level keys the trainer reads (Scenic names where Scenic has one).
 TOP_LEVEL_KEYS = {
     'experiment_name', 'rng_seed', 'dataset_name', 'dataset_configs', 'batch_size',
@@ -52,6 +54,10 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     for key in ('num_training_steps', 'log_summary_steps', 'checkpoint_steps'):
         if config.get(key) is None or config.get(key) <= 0:
             raise ValueError(f'config.{key}={config.get(key)} must be a positive integer')
+    impl = config.get('model', {}).get('roi_heads', {}).get('roi_align_impl', 'auto')
+    if impl not in roi_align.IMPLS:
+        raise ValueError(f'config.model.roi_heads.roi_align_impl={impl!r} must be one of '
+                         f'{roi_align.IMPLS}')
     image_size = tuple(config.dataset_configs.get('image_size', ()))
     stride = 2 ** (len(config.model.anchors.sizes) + 1) if 'model' in config else 64
     if len(image_size) != 2 or any(s % stride for s in image_size):

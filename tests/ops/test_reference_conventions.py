@@ -90,10 +90,10 @@ def detectron2_roi_align(feat, box, scale, size, max_grid=None):
     return out
 
 
-@functools.partial(jax.jit, static_argnames=('size', 'cap'))
-def _adaptive(features, boxes, size, cap):
+@functools.partial(jax.jit, static_argnames=('size', 'cap', 'impl'))
+def _adaptive(features, boxes, size, cap, impl):
     return roi_align.multilevel_roi_align(features, STRIDES, boxes, size, 0, True, 2,
-                                          adaptive_cap=cap)
+                                          adaptive_cap=cap, impl=impl)
 
 
 def _level(box):
@@ -101,7 +101,8 @@ def _level(box):
     return min(max(math.floor(4 + math.log2(s / 224 + 1e-8)), 2), 5)
 
 
-def test_adaptive_sampling_matches_detectron2_within_the_cap():
+@pytest.mark.parametrize('impl', ['gather', 'matmul'])
+def test_adaptive_sampling_matches_detectron2_within_the_cap(impl):
     rng = np.random.default_rng(0)
     feats = [rng.normal(size=(256 // s, 320 // s, 2)).astype(np.float32) for s in STRIDES]
     # Per-axis sample counts from 1 to 4 (a wide box, a tall one, tiny and
@@ -109,7 +110,7 @@ def test_adaptive_sampling_matches_detectron2_within_the_cap():
     boxes = np.array([[10, 12, 60, 30], [40, 16, 52, 120], [100, 50, 101, 51.5],
                       [30, 30, 30, 40], [250, 180, 330, 270], [8, 8, 230, 200],
                       [0, 0, 320, 256]], np.float32)
-    out = np.asarray(_adaptive([jnp.asarray(f) for f in feats], jnp.asarray(boxes), 5, 8))
+    out = np.asarray(_adaptive([jnp.asarray(f) for f in feats], jnp.asarray(boxes), 5, 8, impl))
     for i, box in enumerate(boxes):
         lvl = _level(box)
         ref = detectron2_roi_align(feats[lvl - 2], box, 1.0 / 2 ** lvl, 5)
@@ -118,12 +119,13 @@ def test_adaptive_sampling_matches_detectron2_within_the_cap():
     assert max(grids) >= 3 and 1 in grids  # the cases cover several counts
 
 
-def test_adaptive_sampling_caps_the_sample_count():
+@pytest.mark.parametrize('impl', ['gather', 'matmul'])
+def test_adaptive_sampling_caps_the_sample_count(impl):
     rng = np.random.default_rng(1)
     feats = [rng.normal(size=(256 // s, 320 // s, 1)).astype(np.float32) for s in STRIDES]
     box = np.array([0, 0, 320, 40], np.float32)  # 40 px wide on P3: 8 samples per bin, capped at 3
     lvl = _level(box)
-    out = np.asarray(_adaptive([jnp.asarray(f) for f in feats], jnp.asarray(box[None]), 5, 3))
+    out = np.asarray(_adaptive([jnp.asarray(f) for f in feats], jnp.asarray(box[None]), 5, 3, impl))
     capped = detectron2_roi_align(feats[lvl - 2], box, 1.0 / 2 ** lvl, 5, max_grid=3)
     exact = detectron2_roi_align(feats[lvl - 2], box, 1.0 / 2 ** lvl, 5)
     np.testing.assert_allclose(out[0], capped, atol=1e-5)

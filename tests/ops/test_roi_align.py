@@ -21,6 +21,7 @@ from projects.maskrcnn.ops import targets as target_ops
 
 MIN_LEVEL = 2
 STRIDES = (4, 8, 16, 32)
+IMPLS = ('gather', 'matmul')
 
 
 def _bilinear_reference(feat, y, x):
@@ -77,10 +78,10 @@ crop_and_resize_masks = jax.jit(roi_align.crop_and_resize_masks, static_argnums=
 mask_targets = jax.jit(target_ops.mask_targets, static_argnums=4)
 
 
-@functools.partial(jax.jit, static_argnames=('output_size', 'sampling_ratio', 'aligned'))
-def _align(features, boxes, output_size, sampling_ratio, aligned):
+@functools.partial(jax.jit, static_argnames=('output_size', 'sampling_ratio', 'aligned', 'impl'))
+def _align(features, boxes, output_size, sampling_ratio, aligned, impl='gather'):
     return roi_align.multilevel_roi_align(features, STRIDES, boxes, output_size,
-                                          sampling_ratio, aligned, MIN_LEVEL)
+                                          sampling_ratio, aligned, MIN_LEVEL, impl=impl)
 
 
 def _pyramid(rng, image_hw=(384, 512), channels=3):
@@ -143,12 +144,13 @@ def test_random_boxes_cover_every_level():
 
 @pytest.mark.parametrize('aligned', [True, False])
 @pytest.mark.parametrize('ratio', [1, 2])
-def test_multilevel_roi_align_matches_reference(aligned, ratio):
+@pytest.mark.parametrize('impl', IMPLS)
+def test_multilevel_roi_align_matches_reference(aligned, ratio, impl):
     rng = np.random.default_rng(1)
     feats = _pyramid(rng)
     boxes = _boxes_on_all_levels(rng)
     out = np.asarray(_align([jnp.asarray(f) for f in feats], jnp.asarray(boxes),
-                            output_size=5, sampling_ratio=ratio, aligned=aligned))
+                            output_size=5, sampling_ratio=ratio, aligned=aligned, impl=impl))
     assert out.shape == (len(boxes), 5, 5, 3)
     for i, box in enumerate(boxes):
         lvl = level_reference(box.astype(np.float64))
@@ -169,14 +171,16 @@ def test_aligned_flag_changes_the_result():
 
 
 @pytest.mark.parametrize('aligned', [True, False])
-def test_constant_features_give_the_constant_inside_the_image(aligned):
+@pytest.mark.parametrize('impl', IMPLS)
+def test_constant_features_give_the_constant_inside_the_image(aligned, impl):
     feats = [jnp.full((128 // s, 128 // s, 2), 3.7, jnp.float32) for s in STRIDES]
     boxes = jnp.array([[10, 12, 50, 60], [0.5, 0.5, 127, 127], [30, 40, 31, 41]], jnp.float32)
-    out = _align(feats, boxes, output_size=7, sampling_ratio=2, aligned=aligned)
+    out = _align(feats, boxes, output_size=7, sampling_ratio=2, aligned=aligned, impl=impl)
     np.testing.assert_allclose(out, 3.7, rtol=1e-6)
 
 
-def test_linear_features_give_the_value_at_bin_centres():
+@pytest.mark.parametrize('impl', IMPLS)
+def test_linear_features_give_the_value_at_bin_centres(impl):
     # Bilinear interpolation reproduces a linear function exactly, so each bin
     # (aligned=True) holds f at its centre. Each level has its own function, so a
     # box read from the wrong level would show.
@@ -188,7 +192,7 @@ def test_linear_features_give_the_value_at_bin_centres():
         feats.append(jnp.asarray((a * yy + b * xx + c)[..., None], jnp.float32))
     boxes = np.array([[20, 30, 80, 70], [40, 16, 220, 170], [8, 8, 312, 248]], np.float32)
     out = np.asarray(_align(feats, jnp.asarray(boxes), output_size=4, sampling_ratio=2,
-                            aligned=True))
+                            aligned=True, impl=impl))
     for i, box in enumerate(boxes):
         lvl = level_reference(box.astype(np.float64))
         s = 2 ** lvl
@@ -201,7 +205,8 @@ def test_linear_features_give_the_value_at_bin_centres():
 
 
 @pytest.mark.parametrize('aligned', [True, False])
-def test_samples_at_the_far_edge_read_the_last_row_and_beyond_it_zero(aligned):
+@pytest.mark.parametrize('impl', IMPLS)
+def test_samples_at_the_far_edge_read_the_last_row_and_beyond_it_zero(aligned, impl):
     # A 16 x 16 image: P2 is 4 x 4. One bin, one sample at the box centre.
     # Box [0, 14, 4, 18] on P2: y from 3.5 to 4.5 (aligned: 3.0 to 4.0), x from 0 to 1
     # (aligned: -0.5 to 0.5). Sample: y = 4.0 (aligned 3.5), x = 0.5 (aligned 0.0).
@@ -210,7 +215,7 @@ def test_samples_at_the_far_edge_read_the_last_row_and_beyond_it_zero(aligned):
     boxes = jnp.array([[0, 14, 4, 18], [0, 16.4, 4, 20.4], [14, 0, 18, 4],
                        [16.4, 0, 20.4, 4]], jnp.float32)
     out = np.asarray(_align(feats, boxes, output_size=1, sampling_ratio=1,
-                            aligned=aligned))[:, 0, 0, 0]
+                            aligned=aligned, impl=impl))[:, 0, 0, 0]
     if aligned:
         # y = 3.5 -> last row (x = 0.0 -> column 0); y = 4.1 > H -> zero. Likewise x.
         expected = [feat[3, 0, 0], 0.0, feat[0, 3, 0], 0.0]
@@ -223,6 +228,41 @@ def test_samples_at_the_far_edge_read_the_last_row_and_beyond_it_zero(aligned):
     for box, value in zip(np.asarray(boxes), out):
         ref = roi_align_reference(feat, box, 0.25, 1, 1, aligned)
         np.testing.assert_allclose(value, ref[0, 0, 0], rtol=1e-6, atol=1e-6)
+
+
+def test_matmul_and_gather_agree_in_value_and_feature_gradient():
+    # The matrix form is exact, not an approximation: same outputs and the same
+    # gradient with respect to the features, on boxes at every level and off the map.
+    rng = np.random.default_rng(3)
+    feats = [jnp.asarray(f) for f in _pyramid(rng, channels=4)]
+    boxes = jnp.asarray(_boxes_on_all_levels(rng))
+    cotangent = jnp.asarray(rng.normal(size=(len(boxes), 7, 7, 4)).astype(np.float32))
+
+    def loss(fs, impl):
+        return jnp.sum(_align(fs, boxes, output_size=7, sampling_ratio=2, aligned=True,
+                              impl=impl) * cotangent)
+
+    values = {impl: jax.value_and_grad(loss)(feats, impl) for impl in IMPLS}
+    np.testing.assert_allclose(values['matmul'][0], values['gather'][0], rtol=1e-4)
+    for g_matmul, g_gather in zip(values['matmul'][1], values['gather'][1]):
+        assert float(jnp.abs(g_gather).max()) > 0.0
+        np.testing.assert_allclose(g_matmul, g_gather, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_picks_the_matrix_form_for_small_maps_only():
+    def pyramid(h, w, c=256):
+        return [(h // s, w // s, c) for s in STRIDES]
+    assert roi_align.choose_impl(pyramid(128, 128, 64), 7, 2) == 'matmul'
+    assert roi_align.choose_impl(pyramid(128, 128, 64), 14, 2) == 'matmul'
+    assert roi_align.choose_impl(pyramid(800, 1216), 7, 2) == 'gather'
+    assert roi_align.choose_impl(pyramid(800, 1216), 14, 2) == 'gather'
+
+
+def test_unknown_impl_is_an_error_naming_it():
+    feats = [jnp.zeros((8, 8, 1))] * 4
+    with pytest.raises(ValueError, match="'fast'"):
+        roi_align.multilevel_roi_align(feats, STRIDES, jnp.zeros((1, 4)), 7, 2, True, 2,
+                                       impl='fast')
 
 
 def test_non_positive_sampling_ratio_is_an_error():

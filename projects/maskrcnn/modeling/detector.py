@@ -192,7 +192,8 @@ class MaskRCNN(nn.Module):
         r = self.roi_heads
         fn = lambda feats, b: roi_align.multilevel_roi_align(
             feats, strides, b, resolution, r.sampling_ratio, r.aligned, MIN_LEVEL,
-            r.canonical_size, r.canonical_level, r.level_rule, r.adaptive_sampling_cap)
+            r.canonical_size, r.canonical_level, r.level_rule, r.adaptive_sampling_cap,
+            r.roi_align_impl)
         return jax.vmap(fn)(features, boxes)
 
     def _class_channel(self, per_class, classes):

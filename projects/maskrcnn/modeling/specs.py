@@ -66,6 +66,9 @@ class ROIHeadsSpec:
     canonical_size: float = 224.0
     canonical_level: int = 4
     level_rule: str = 'detectron2'   # or 'torchvision' (where the epsilon goes)
+    # 'gather', 'matmul' (separable interpolation matrices) or 'auto' from the
+    # map sizes; the same result either way (see ops/roi_align.py).
+    roi_align_impl: str = 'auto'
 
 
 @dataclasses.dataclass(frozen=True)

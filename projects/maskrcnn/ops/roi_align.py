@@ -1,10 +1,22 @@
-"""RoIAlign over a feature pyramid as one gather (no per-level loop).
+"""RoIAlign over a feature pyramid, with no per-level loop, in two forms.
 
 Follows the semantics of torchvision's roi_align (bilinear sampling at a fixed
 number of points per bin, averaged; zero outside the map) and the FPN level
-rule of Detectron2's ROIPooler or torchvision's MultiScaleRoIAlign. The pyramid
-is flattened into one [sum HW, C] table per image and each box reads only the
-level it is assigned to, the multilevel_crop_and_resize design of tensorflow/tpu.
+rule of Detectron2's ROIPooler or torchvision's MultiScaleRoIAlign.
+
+'gather': the pyramid is flattened into one [sum HW, C] table per image and
+each box reads the four corners of each of its samples from the level it is
+assigned to, the multilevel_crop_and_resize design of tensorflow/tpu. Its
+cost grows with the samples, not with the map, so it suits large maps.
+
+'matmul': bilinear sampling averaged over a bin is separable, so a box's
+output is Ay @ F @ Ax^T per channel, with Ay [bins, H] and Ax [bins, W] dense
+interpolation matrices that hold each bin's averaged corner weights. The
+levels' rows are stacked (padded to the widest level) so that one matrix
+product over all boxes and levels does the rows, and a batched one the
+columns; the gradient is two matrix products instead of a scatter-add. Its
+cost grows with the map, so it suits small maps; 'auto' picks between them
+from the static shapes (`choose_impl`). Both give the same result.
 
 Adaptive sampling (Detectron2's sampling_ratio=0) takes ceil(roi_side / bins)
 samples per bin along each axis, a number that depends on the box. Static
@@ -82,12 +94,38 @@ def _axis_samples(start, length, out_size, slots, limit, count=None):
     return low.astype(jnp.int32), high.astype(jnp.int32), w_low, w_high
 
 
+IMPLS = ('auto', 'gather', 'matmul')
+
+# 'auto' takes the matrix form while its multiply-adds per box and channel are at
+# most this many times the gather form's corner reads (measured on CPU with
+# benchmarks/roi_align_benchmark.py; see BENCHMARKS.md).
+MATMUL_COST_RATIO = 40.0
+
+
+def choose_impl(feature_shapes: Sequence[Sequence[int]], output_size: int, slots: int) -> str:
+    """'matmul' or 'gather' for pooling from maps of these [H, W, C] shapes."""
+    rows = sum(s[0] for s in feature_shapes)
+    max_w = max(s[1] for s in feature_shapes)
+    matmul_cost = output_size * rows * max_w + output_size ** 2 * max_w
+    gather_cost = 4 * (output_size * slots) ** 2
+    return 'matmul' if matmul_cost <= MATMUL_COST_RATIO * gather_cost else 'gather'
+
+
+def _interpolation_matrix(low, high, w_low, w_high, out_size, slots, size):
+    """[R, out_size, size]: each bin's sample weights summed onto the indices they read."""
+    grid = jnp.arange(size)
+    m = (jnp.where(low[..., None] == grid, w_low[..., None], 0.0)
+         + jnp.where(high[..., None] == grid, w_high[..., None], 0.0))
+    return m.reshape(m.shape[0], out_size, slots, size).sum(axis=2)
+
+
 def multilevel_roi_align(features: Sequence[jnp.ndarray], strides: Sequence[int],
                          boxes: jnp.ndarray, output_size: int, sampling_ratio: int,
                          aligned: bool, min_level: int,
                          canonical_size: float = 224.0, canonical_level: int = 4,
                          level_rule: str = 'detectron2',
-                         adaptive_cap: int | None = None) -> jnp.ndarray:
+                         adaptive_cap: int | None = None,
+                         impl: str = 'auto') -> jnp.ndarray:
     """Pools [R, 4] boxes from one image's pyramid.
 
     Args:
@@ -102,10 +140,13 @@ def multilevel_roi_align(features: Sequence[jnp.ndarray], strides: Sequence[int]
       min_level: pyramid level of features[0].
       canonical_size, canonical_level, level_rule: see `assign_levels`.
       adaptive_cap: with sampling_ratio=0, the most samples per bin and axis.
+      impl: 'gather', 'matmul' or 'auto' (see the module docstring).
 
     Returns:
       [R, output_size, output_size, C].
     """
+    if impl not in IMPLS:
+        raise ValueError(f'unknown RoIAlign impl {impl!r}; expected one of {IMPLS}')
     if sampling_ratio < 0 or (sampling_ratio == 0 and not adaptive_cap):
         raise ValueError(f'sampling_ratio must be positive, or 0 (adaptive) with a positive '
                          f'adaptive_cap for static shapes; got sampling_ratio={sampling_ratio}, '
@@ -138,6 +179,29 @@ def multilevel_roi_align(features: Sequence[jnp.ndarray], strides: Sequence[int]
     h_l, w_l = heights[level], widths[level]
     y_lo, y_hi, wy_lo, wy_hi = _axis_samples(y0, bh, output_size, slots, h_l, count_y)
     x_lo, x_hi, wx_lo, wx_hi = _axis_samples(x0, bw, output_size, slots, w_l, count_x)
+
+    if impl == 'auto':
+        impl = choose_impl([f.shape for f in features], output_size, slots)
+    if impl == 'matmul':
+        # Rows of all levels stacked, each padded to the widest level.
+        max_w = max(f.shape[1] for f in features)
+        rows = jnp.concatenate(
+            [jnp.pad(f, ((0, 0), (0, max_w - f.shape[1]), (0, 0))) for f in features], axis=0)
+        row_offsets = jnp.asarray([0] + [f.shape[0] for f in features[:-1]]).cumsum()
+        first_row = row_offsets[level][:, None]
+        a_y = _interpolation_matrix(y_lo + first_row, y_hi + first_row, wy_lo, wy_hi,
+                                    output_size, slots, rows.shape[0]).astype(rows.dtype)
+        a_x = _interpolation_matrix(x_lo, x_hi, wx_lo, wx_hi, output_size, slots,
+                                    max_w).astype(rows.dtype)
+        # One [R*bins, rows] x [rows, W*C] matmul; written as a 2-D product so that its
+        # gradient is one too (an einsum's transposed layout cost 2.5x on CPU).
+        r, y, x, c = a_y.shape[0], rows.shape[0], max_w, channels
+        by_rows = (a_y.reshape(r * output_size, y) @ rows.reshape(y, x * c)).reshape(
+            r, output_size, x, c)
+        # The columns: R small matmuls. (A broadcast product and sum is faster alone,
+        # but inside the training step XLA:CPU materialised the [R, bins, bins, W, C]
+        # product, 10x slower.)
+        return jnp.einsum('rjx,rixc->rijc', a_x, by_rows)
 
     base = offsets[level][:, None, None]
     row_stride = w_l[:, None, None]
