@@ -38,21 +38,22 @@ def get_config():
     m.rpn.post_nms_topk_train = 256
     m.rpn.pre_nms_topk_test = 300
     m.rpn.post_nms_topk_test = 100
-    m.roi_heads.batch_size_per_image = 64   # 16 foreground at most: all get a mask slot
+    m.roi_heads.batch_size_per_image = 64   # 16 foreground at most
     m.roi_heads.canonical_size = 56.0   # level rule scaled to the small images
     m.box_head.fc_dim = 256
     m.mask_head.conv_dim = 32
-    m.mask_head.num_fg_slots = 16
+    m.mask_head.num_fg_slots = 8   # a random 8 of them train the mask head (README)
     m.test.detections_per_image = 20
 
     config.batch_size = 8
     config.eval_batch_size = 8
-    config.num_training_steps = 850   # about 8-10 minutes in all on 2 CPU cores (README)
+    config.num_training_steps = 1100  # about 8 minutes in all on 2 CPU cores (README)
     config.log_summary_steps = 50
-    config.log_eval_steps = 850       # one evaluation, at the end
+    config.log_eval_steps = 1100      # one evaluation, at the end
+    config.compute_validation_loss = False   # its extra compilation costs 30 s of the 10 minutes
     config.checkpoint_steps = 250
     config.optimizer_configs.grad_clip_norm = 10.0
-    config.lr_configs.base_learning_rate = 0.04   # 0.02 gave mask AP 40.5 (README)
+    config.lr_configs.base_learning_rate = 0.04   # 0.02 gave mask AP 40.5 at 850 steps (README)
     config.lr_configs.warmup_steps = 100
-    config.lr_configs.decay_steps = (650, 780)
+    config.lr_configs.decay_steps = (840, 1010)
     return config

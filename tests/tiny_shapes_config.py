@@ -37,4 +37,5 @@ def get_config():
     config.checkpoint_steps = 2
     config.lr_configs.warmup_steps = 2
     config.lr_configs.decay_steps = (3,)
+    config.compute_validation_loss = True   # off in the demo; the tests cover it
     return config
