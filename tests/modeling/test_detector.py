@@ -14,21 +14,7 @@ from projects.maskrcnn import losses
 from projects.maskrcnn.modeling import specs
 from projects.maskrcnn.modeling.detector import MaskRCNN, generate_proposals
 from projects.maskrcnn.ops import boxes as box_ops
-
-
-def _fill(shapes, seed=0):
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        name = path[-1].key
-        if name == 'kernel':
-            fan_in = int(np.prod(s.shape[:-1]))
-            return jnp.asarray(rng.normal(0, np.sqrt(1.0 / fan_in), s.shape), s.dtype)
-        if name in ('scale', 'var'):
-            return jnp.ones(s.shape, s.dtype)
-        return jnp.asarray(rng.normal(0, 0.1, s.shape), s.dtype)
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes)
+from tests.variables import fill_variables
 
 
 def _num_params(tree):
@@ -159,7 +145,7 @@ def _gt():
 def _tiny_variables():
     shapes = jax.eval_shape(lambda: TINY.init({'params': jax.random.PRNGKey(0)}, IMAGES,
                                               SIZES, train=False))
-    return _fill(shapes)
+    return fill_variables(shapes)
 
 
 # Heads whose outputs do not depend on the RoI: class logits CLS_BIAS (class 2

@@ -8,6 +8,7 @@ import numpy as np
 from projects.maskrcnn.modeling import layers, specs
 from projects.maskrcnn.modeling.backbones.resnet import ResNet
 from projects.maskrcnn.modeling.detector import MaskRCNN, generate_proposals
+from tests.variables import fill_variables
 
 # One level, three anchors; the image is 20 x 12 (h, w).
 _ANCHORS = np.array([[0, 0, 10, 10], [11, 0, 13, 8], [4, 4, 9, 9]], np.float32)
@@ -62,21 +63,6 @@ IMAGES = jnp.asarray(np.random.default_rng(1).normal(size=(1, 64, 64, 3)), jnp.f
 SIZES = jnp.array([[64, 56]], jnp.int32)
 
 
-def _fill(shapes):
-    """Variables from numpy (compiling the Flax initialisers is slow on CPU)."""
-    rng = np.random.default_rng(0)
-
-    def leaf(path, s):
-        if path[-1].key == 'kernel':
-            fan_in = int(np.prod(s.shape[:-1]))
-            return jnp.asarray(rng.normal(0, np.sqrt(1.0 / fan_in), s.shape), s.dtype)
-        if path[-1].key == 'scale':
-            return jnp.ones(s.shape, s.dtype)
-        return jnp.asarray(rng.normal(0, 0.1, s.shape), s.dtype)
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes)
-
-
 def _stages(module, images, sizes):
     _, features = module.extract_features(images)
     rpn = module.propose(features, sizes)
@@ -88,7 +74,7 @@ def _stages(module, images, sizes):
 
 def test_stages_compose_to_the_detector_and_the_test_size_rule_applies():
     model = MaskRCNN(**TINY, test=specs.TestSpec(score_threshold=0.0, detections_per_image=20))
-    variables = _fill(jax.eval_shape(model.init, jax.random.PRNGKey(0), IMAGES, SIZES))
+    variables = fill_variables(jax.eval_shape(model.init, jax.random.PRNGKey(0), IMAGES, SIZES))
     whole = jax.jit(lambda v: model.apply(v, IMAGES, SIZES))(variables)
     staged = jax.jit(lambda v: model.apply(v, IMAGES, SIZES, method=_stages))(variables)
     assert set(whole) == set(staged)

@@ -6,20 +6,7 @@ import numpy as np
 import pytest
 
 from projects.maskrcnn.modeling.necks import fpn
-
-
-def _fill(shapes, seed=0):
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        if path[-1].key == 'kernel':
-            fan_in = int(np.prod(s.shape[:-1]))
-            return jnp.asarray(rng.normal(0, np.sqrt(1.0 / fan_in), s.shape), s.dtype)
-        if path[-1].key == 'scale':
-            return jnp.ones(s.shape, s.dtype)
-        return jnp.asarray(rng.normal(0, 0.1, s.shape), s.dtype)
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes)
+from tests.variables import fill_variables
 
 
 def _features(hws, channels=(8, 16, 32, 64), seed=1):
@@ -29,7 +16,7 @@ def _features(hws, channels=(8, 16, 32, 64), seed=1):
 
 
 def _run(model, feats):
-    variables = _fill(jax.eval_shape(model.init, jax.random.PRNGKey(0), feats))
+    variables = fill_variables(jax.eval_shape(model.init, jax.random.PRNGKey(0), feats))
     return variables, jax.jit(model.apply)(variables, feats)
 
 
