@@ -345,3 +345,13 @@ def test_pixels_outside_the_mask_box_read_zero():
     # Fails today: out[10, 4] == out[10, 15] == 1.0 (centres at x = -0.5 and 10.5).
     assert np.all(out[:, ~inside] < 0.5), out[10]
     np.testing.assert_array_equal(targets, np.outer(inside, inside).astype(np.float32))
+
+
+def test_both_forms_give_float32_from_bfloat16_features():
+    rng = np.random.default_rng(4)
+    feats = [jnp.asarray(f, jnp.bfloat16) for f in _pyramid(rng, image_hw=(64, 96))]
+    boxes = jnp.asarray([[4.0, 6.0, 40.0, 50.0], [10.0, 3.0, 90.0, 60.0]])
+    outs = {impl: _align(feats, boxes, output_size=3, sampling_ratio=2, aligned=True, impl=impl)
+            for impl in IMPLS}
+    assert all(o.dtype == jnp.float32 for o in outs.values())
+    np.testing.assert_allclose(outs['matmul'], outs['gather'], rtol=1e-2, atol=1e-2)

@@ -153,9 +153,6 @@ def multilevel_roi_align(features: Sequence[jnp.ndarray], strides: Sequence[int]
                          f'adaptive_cap={adaptive_cap}')
     num_levels = len(features)
     channels = features[0].shape[-1]
-    table = jnp.concatenate([f.reshape(-1, channels) for f in features], axis=0)
-    offsets = jnp.asarray(
-        [0] + [f.shape[0] * f.shape[1] for f in features[:-1]]).cumsum()
     heights = jnp.asarray([f.shape[0] for f in features])
     widths = jnp.asarray([f.shape[1] for f in features])
 
@@ -189,10 +186,10 @@ def multilevel_roi_align(features: Sequence[jnp.ndarray], strides: Sequence[int]
             [jnp.pad(f, ((0, 0), (0, max_w - f.shape[1]), (0, 0))) for f in features], axis=0)
         row_offsets = jnp.asarray([0] + [f.shape[0] for f in features[:-1]]).cumsum()
         first_row = row_offsets[level][:, None]
+        # float32 weights, as the gather form's: low-precision features give a float32 result.
         a_y = _interpolation_matrix(y_lo + first_row, y_hi + first_row, wy_lo, wy_hi,
-                                    output_size, slots, rows.shape[0]).astype(rows.dtype)
-        a_x = _interpolation_matrix(x_lo, x_hi, wx_lo, wx_hi, output_size, slots,
-                                    max_w).astype(rows.dtype)
+                                    output_size, slots, rows.shape[0])
+        a_x = _interpolation_matrix(x_lo, x_hi, wx_lo, wx_hi, output_size, slots, max_w)
         # One [R*bins, rows] x [rows, W*C] matmul; written as a 2-D product so that its
         # gradient is one too (an einsum's transposed layout cost 2.5x on CPU).
         r, y, x, c = a_y.shape[0], rows.shape[0], max_w, channels
@@ -203,6 +200,9 @@ def multilevel_roi_align(features: Sequence[jnp.ndarray], strides: Sequence[int]
         # product, 10x slower.)
         return jnp.einsum('rjx,rixc->rijc', a_x, by_rows)
 
+    table = jnp.concatenate([f.reshape(-1, channels) for f in features], axis=0)
+    offsets = jnp.asarray(
+        [0] + [f.shape[0] * f.shape[1] for f in features[:-1]]).cumsum()
     base = offsets[level][:, None, None]
     row_stride = w_l[:, None, None]
 
