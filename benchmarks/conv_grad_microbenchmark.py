@@ -13,13 +13,12 @@ two kernel gradients agree.
 """
 
 import os
-import statistics
-import time
 
 from absl import app, flags
 import jax
 import jax.numpy as jnp
 
+from benchmarks import timing
 from projects.maskrcnn.modeling import layers
 
 
@@ -29,16 +28,6 @@ def define_flags() -> None:
     flags.DEFINE_integer('kernel', 3, 'Kernel side.')
     flags.DEFINE_integer('stride', 1, 'Stride.')
     flags.DEFINE_integer('reps', 3, 'Timed runs (median).')
-
-
-def _time(fn, *args, reps: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _jit_in_mode(fn, mode: str):
@@ -86,7 +75,7 @@ def main(argv):
                            ('input grad', _jit_in_mode(input_grad, 'xla'), (x, kernel, dy)),
                            ('kernel grad, XLA', xla, (x, kernel, dy)),
                            ('kernel grad, tap matmuls', taps, (x, kernel, dy))):
-        t = _time(fn, *args, reps=f.reps)
+        t = timing.median_seconds(fn, *args, reps=f.reps)
         print(f'{name:26s} {t * 1e3:8.1f} ms  {flops / t / 1e9:6.1f} GFLOP/s')
     print(f'relative difference of the two kernel gradients: {err:.1e}')
 

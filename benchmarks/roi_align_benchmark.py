@@ -9,14 +9,12 @@ Times the forward pass and the forward plus feature gradient of
 `impl='auto'` would pick and the cost ratio (`choose_impl`) it decides from.
 """
 
-import statistics
-import time
-
 from absl import app, flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import timing
 from projects.maskrcnn.ops import roi_align
 
 STRIDES = (4, 8, 16, 32)
@@ -30,16 +28,6 @@ def define_flags() -> None:
     flags.DEFINE_integer('output_size', 7, 'Bins per side.')
     flags.DEFINE_integer('sampling_ratio', 2, 'Samples per bin and axis.')
     flags.DEFINE_integer('reps', 5, 'Timed runs (median).')
-
-
-def _time(fn, *args, reps: int) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def random_inputs(image_hw, batch, boxes, channels, seed=0):
@@ -76,8 +64,8 @@ def main(argv):
         # value_and_grad runs the forward pass too (the gradient alone does not need it).
         grad = jax.jit(jax.value_and_grad(
             lambda fs, b, p=pool(impl): jnp.sum(p(fs, b) * cotangent)))
-        results[impl] = (fwd(feats, boxes), _time(fwd, feats, boxes, reps=f.reps),
-                         _time(grad, feats, boxes, reps=f.reps))
+        results[impl] = (fwd(feats, boxes), timing.median_seconds(fwd, feats, boxes, reps=f.reps),
+                         timing.median_seconds(grad, feats, boxes, reps=f.reps))
     np.testing.assert_allclose(results['matmul'][0], results['gather'][0], rtol=1e-4, atol=1e-4)
     shapes = [x.shape[1:] for x in feats]
     rows = sum(s[0] for s in shapes)

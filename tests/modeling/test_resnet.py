@@ -8,23 +8,7 @@ import numpy as np
 import pytest
 
 from projects.maskrcnn.modeling.backbones import resnet
-
-
-def _fill(shapes, seed=0):
-    """Deterministic variables of the given shapes, made in numpy (compiling the
-    Flax initialisers costs more on CPU than these tests themselves)."""
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        name = path[-1].key
-        if name == 'kernel':
-            fan_in = int(np.prod(s.shape[:-1]))
-            return jnp.asarray(rng.normal(0, np.sqrt(2.0 / fan_in), s.shape), s.dtype)
-        if name in ('scale', 'var'):
-            return jnp.ones(s.shape, s.dtype)
-        return jnp.asarray(rng.normal(0, 0.1, s.shape), s.dtype)  # bias, mean
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes)
+from tests.variables import fill_variables
 
 
 def _shapes(model, x, train=False):
@@ -96,7 +80,7 @@ def _grads(freeze_at, output):
     """Largest |gradient| per top-level module of a loss on one output, in training."""
     model = resnet.ResNet(depth=18, width=4, norm='bn', freeze_at=freeze_at)
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 16, 16, 3)), jnp.float32)
-    variables = _fill(_shapes(model, x, train=True))
+    variables = fill_variables(_shapes(model, x, train=True), kernel_gain=2.0)
 
     @jax.jit
     def grad_fn(params):
