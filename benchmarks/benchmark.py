@@ -55,7 +55,7 @@ def define_flags() -> None:
     """Defines the command's flags (absl allows each name once per process)."""
     global _CONFIG, _HEIGHT, _WIDTH, _BATCH, _MODE, _STEPS, _WARMUP  # pylint: disable=global-statement
     global _NUM_CLASSES, _INSTANCES, _TV_PYTHON, _TV_THREADS, _APPEND  # pylint: disable=global-statement
-    global _PEAK_FLOPS, _PAD_MULTIPLE  # pylint: disable=global-statement
+    global _PEAK_FLOPS, _PAD_MULTIPLE, _TV_AUTOCAST  # pylint: disable=global-statement
     _CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file.',
                                               lock_config=False)
     _HEIGHT = flags.DEFINE_integer('height', 800, 'Image height (valid pixels).')
@@ -70,6 +70,10 @@ def define_flags() -> None:
                                      'Python with torch + torchvision; none: skip torchvision.')
     _TV_THREADS = flags.DEFINE_integer('torchvision_threads', None,
                                        'torch.set_num_threads for torchvision (default: all cores).')
+    _TV_AUTOCAST = flags.DEFINE_enum(
+        'torchvision_autocast', None, ['none', 'bfloat16', 'float16'],
+        "torchvision's torch.autocast dtype; default: the config's dtype when it is 16-bit "
+        '(mixed precision on both sides), none for float32.')
     _APPEND = flags.DEFINE_string('append', None, 'Markdown file to append the table to.')
     _PEAK_FLOPS = flags.DEFINE_float('peak_flops', None,
                                      'Machine peak FLOP/s; default: measured f32 matmul rate.')
@@ -199,9 +203,17 @@ def time_train(model, tx, state, batch, steps: int, warmup: int) -> dict:
             'flops': _flops(compiled), 'total_loss': loss, 'times_s': times}
 
 
+def torchvision_autocast(config, requested: str | None) -> str:
+    """torch.autocast dtype for the torchvision run: as asked, else the config's 16-bit dtype."""
+    if requested:
+        return requested
+    dtype = config.get('dtype', 'float32')
+    return dtype if dtype in ('bfloat16', 'float16') else 'none'
+
+
 def run_torchvision(python: str, config, height: int, width: int, batch: int, mode: str,
                     steps: int, warmup: int, num_classes: int, instances: int,
-                    threads: int | None = None) -> dict:
+                    threads: int | None = None, autocast: str = 'none') -> dict:
     rpn, roi = config.model.rpn, config.model.roi_heads
     cmd = [python, '-m', 'benchmarks.torchvision_child', f'--height={height}', f'--width={width}', f'--batch={batch}',
            f'--mode={mode}', f'--steps={steps}', f'--warmup={warmup}',
@@ -210,7 +222,8 @@ def run_torchvision(python: str, config, height: int, width: int, batch: int, mo
            f'--post_nms_train={rpn.post_nms_topk_train}',
            f'--pre_nms_test={rpn.pre_nms_topk_test}', f'--post_nms_test={rpn.post_nms_topk_test}',
            f'--rois_per_image={roi.batch_size_per_image}',
-           f'--threads={threads or os.cpu_count()}']
+           f'--threads={threads or os.cpu_count()}', f'--autocast={autocast}',
+           f"--device={'cuda' if jax.default_backend() == 'gpu' else 'cpu'}"]
     env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'VIRTUAL_ENV')}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=_REPO, check=False)
     if out.returncode:
@@ -271,7 +284,9 @@ def table_rows(dx: dict, tv: dict | None, peak_flops: float) -> list[tuple[str, 
     rows.append(('peak host RSS (MB)', _fmt(dx['peak_rss_mb'], 4),
                  _fmt(tv.get('peak_rss_mb'), 4), ''))
     dev = dx.get('device_peak_bytes')
-    rows.append(('peak device memory (MB)', _fmt(dev and dev / 2 ** 20, 4), '-', ''))
+    tv_dev = tv.get('device_peak_bytes')
+    rows.append(('peak device memory (MB)', _fmt(dev and dev / 2 ** 20, 4),
+                 _fmt(tv_dev and tv_dev / 2 ** 20, 4), ''))
     return rows
 
 
@@ -311,7 +326,7 @@ def main(argv):
     if _TV_PYTHON.value:
         tv = run_torchvision(_TV_PYTHON.value, config, height, width, _BATCH.value, mode,
                              _STEPS.value, _WARMUP.value, _NUM_CLASSES.value, _INSTANCES.value,
-                             _TV_THREADS.value)
+                             _TV_THREADS.value, torchvision_autocast(config, _TV_AUTOCAST.value))
     peak = _PEAK_FLOPS.value
     peak_note = 'given by --peak_flops'
     if not peak:
@@ -319,8 +334,9 @@ def main(argv):
         peak_note = 'measured float32 2048x2048 matmul rate in this run'
 
     command = 'python -m benchmarks.benchmark ' + ' '.join(shlex.quote(a) for a in sys.argv[1:])
-    tv_versions = (f"torch {tv['torch']}, torchvision {tv['torchvision']} "
-                   f"({tv['threads']} threads)" if tv else 'torchvision not run')
+    tv_versions = (f"torch {tv['torch']}, torchvision {tv['torchvision']} on {tv['device']} "
+                   f"({tv['threads']} threads, autocast {tv['autocast']})"
+                   if tv else 'torchvision not run')
     header = '\n'.join([
         f'### {config.get("experiment_name", "config")}: {height}x{width} '
         f'(padded {padded[0]}x{padded[1]}), batch {_BATCH.value}, {mode}, '

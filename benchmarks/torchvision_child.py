@@ -7,6 +7,11 @@ torch and torchvision:
   python -m benchmarks.torchvision_child --height=800 --width=1216 --batch=1 \\
       --mode=inference --steps=3 --pre_nms_test=1000 --post_nms_test=1000
 
+With `--autocast=bfloat16` (or float16) the forward passes run under
+`torch.autocast`, torchvision's mixed precision, which benchmarks/benchmark.py
+asks for when the Detectax config computes in that dtype; `--device=cuda`
+runs on the GPU (and synchronises before reading the clock).
+
 The detector does the same work as Detectax's torchvision-convention config:
 frozen batch norm, stem and res2 frozen (torchvision's `trainable_backbone_layers=3`,
 which `maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)` would replace
@@ -16,6 +21,7 @@ is not resized.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -59,41 +65,52 @@ def synthetic_targets(args, generator: torch.Generator) -> list[dict]:
     return targets
 
 
-def _timed(fn, warmup: int, steps: int) -> list[float]:
+def _timed(fn, warmup: int, steps: int, device: torch.device) -> list[float]:
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     for _ in range(warmup):
         fn()
+    sync()
     times = []
     for _ in range(steps):
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return times
 
 
-def run_inference(args, model, images) -> dict:
+def precision(args, device: torch.device):
+    """The forward pass's precision context: torch.autocast, or nothing for float32."""
+    if args.autocast == 'none':
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, args.autocast))
+
+
+def run_inference(args, model, images, device) -> dict:
     model.eval()
 
     def step():
-        with torch.no_grad():
+        with torch.no_grad(), precision(args, device):
             out = model(images)
         assert out[0]['masks'].shape[0] == 100, out[0]['masks'].shape
-    times = _timed(step, args.warmup, args.steps)
+    times = _timed(step, args.warmup, args.steps, device)
     median = statistics.median(times)
     return {'latency_s': median, 'images_per_s': args.batch / median, 'times_s': times}
 
 
-def run_train(args, model, images, targets) -> dict:
+def run_train(args, model, images, targets, device) -> dict:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.02 * args.batch / 16, momentum=0.9, weight_decay=1e-4)
 
     def step():
-        losses = model(images, targets)
-        loss = sum(losses.values())
+        with precision(args, device):
+            losses = model(images, targets)
+            loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    times = _timed(step, args.warmup, args.steps)
+    times = _timed(step, args.warmup, args.steps, device)
     median = statistics.median(times)
     return {'step_s': median, 'images_per_s': args.batch / median, 'times_s': times}
 
@@ -114,20 +131,29 @@ def main():
     parser.add_argument('--post_nms_test', type=int, default=1000)
     parser.add_argument('--rois_per_image', type=int, default=512)
     parser.add_argument('--threads', type=int, default=os.cpu_count())
+    parser.add_argument('--autocast', choices=('none', 'bfloat16', 'float16'), default='none',
+                        help='torch.autocast dtype of the forward pass (none: float32).')
+    parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
     args = parser.parse_args()
+    device = torch.device(args.device)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    model = build_detector(args)
-    images = [torch.rand(3, args.height, args.width, generator=generator)
+    model = build_detector(args).to(device)
+    images = [torch.rand(3, args.height, args.width, generator=generator).to(device)
               for _ in range(args.batch)]
     result = {'torch': torch.__version__, 'torchvision': torchvision.__version__,
-              'threads': torch.get_num_threads()}
+              'threads': torch.get_num_threads(), 'autocast': args.autocast,
+              'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}
     if args.mode in ('inference', 'both'):
-        result['inference'] = run_inference(args, model, images)
+        result['inference'] = run_inference(args, model, images, device)
     if args.mode in ('train', 'both'):
-        result['train'] = run_train(args, model, images, synthetic_targets(args, generator))
+        targets = [{k: v.to(device) for k, v in t.items()}
+                   for t in synthetic_targets(args, generator)]
+        result['train'] = run_train(args, model, images, targets, device)
+    if device.type == 'cuda':
+        result['device_peak_bytes'] = torch.cuda.max_memory_allocated(device)
     result['peak_rss_mb'] = peak_rss_mb()
     print(json.dumps(result))
 

@@ -7,7 +7,8 @@ Expected (not yet measured with Detectax): Detectron2 reaches box AP 38.6 / mask
 val2017 from ImageNet-pretrained weights (convert R-50.pkl or torchvision's resnet50 with
 tools/convert_checkpoint and set config.init_from.checkpoint_path). Batch 16 at lr 0.02;
 for another batch scale config.lr_configs.base_learning_rate linearly. Mixed precision
-(bfloat16) is on: it is meant for GPUs and TPUs; set --config.dtype=float32 on a CPU.
+(bfloat16) is on: it is meant for GPUs and TPUs; on a CPU it pays only with bfloat16
+matrix units (AMX), otherwise set --config.dtype=float32 (BUILD_NOTES.md, mixed precision).
 
 Data: put the official COCO 2017 files in one folder DIR, extracted or as the zips
 (the zips are read in place):

@@ -106,3 +106,44 @@ def test_roi_align_benchmark_times_both_forms_and_says_which_auto_picks():
                 for m in re.findall(r'^(gather|matmul)\s+([0-9.]+)\s+([0-9.]+)$', proc.stdout, re.M))
     assert set(rows) == {'gather', 'matmul'} and all(min(v) > 0 for v in rows.values()), proc.stdout
     assert re.search(r'auto picks (gather|matmul)$', proc.stdout, re.M), proc.stdout
+
+
+def test_torchvision_runs_in_the_configs_mixed_precision(monkeypatch):
+    config = tiny_shapes_config.get_config()
+    assert benchmark.torchvision_autocast(config, None) == 'none'   # float32 against float32
+    config.dtype = 'bfloat16'
+    assert benchmark.torchvision_autocast(config, None) == 'bfloat16'
+    assert benchmark.torchvision_autocast(config, 'none') == 'none'  # the flag wins
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout='log line\n{"torch": "x"}\n', stderr='')
+    monkeypatch.setattr(benchmark.subprocess, 'run', fake_run)
+    result = benchmark.run_torchvision('py', config, 64, 48, 2, 'train', 3, 1, 5, 3,
+                                       autocast='bfloat16')
+    assert result == {'torch': 'x'}
+    (cmd,) = calls
+    assert '--autocast=bfloat16' in cmd and '--device=cpu' in cmd and '--height=64' in cmd
+    assert f'--post_nms_train={config.model.rpn.post_nms_topk_train}' in cmd
+
+
+def test_torchvision_device_memory_is_reported():
+    dx = {'peak_rss_mb': 100.0, 'device_peak_bytes': 3 * 2 ** 20}
+    tv = {'peak_rss_mb': 50.0, 'device_peak_bytes': 5 * 2 ** 20}
+    rows = {r[0]: r[1:] for r in benchmark.table_rows(dx, tv, peak_flops=1e9)}
+    assert rows['peak device memory (MB)'] == ('3', '5', '')
+
+
+def test_matmul_microbenchmark_times_the_three_arithmetics():
+    cmd = [sys.executable, '-m', 'benchmarks.matmul_microbenchmark', '--shapes=64x48x32',
+           '--reps=1']
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]  # it asserts the =dots row's accuracy
+    rows = re.findall(r'^\s*64x48x32 (float32|bfloat16, XLA \(=xla\)|bfloat16, float32 sums '
+                      r'\(=dots\))\s+([0-9.]+) ms .* ([0-9.]+) ms .* ([0-9.e+-]+)$',
+                      proc.stdout, re.M)
+    assert [r[0] for r in rows] == ['float32', 'bfloat16, XLA (=xla)',
+                                    'bfloat16, float32 sums (=dots)'], proc.stdout
+    assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
+    assert float(rows[0][3]) == 0.0 and 0 < float(rows[2][3]) < 2 ** -7

@@ -126,3 +126,90 @@ def test_tap_kernel_gradient_is_used_on_cpu_and_bad_mode_is_named(monkeypatch):
     with pytest.raises(ValueError, match="DETECTAX_CONV_KERNEL_GRAD='fast'"):
         layers.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _bf16(shape, seed):
+    return jax.random.normal(jax.random.PRNGKey(seed), shape).astype(jnp.bfloat16)
+
+
+def _f32(x):
+    return np.asarray(x.astype(jnp.float32))
+
+
+@pytest.mark.parametrize('x_shape', [(6, 40), (2, 3, 5, 40)])
+def test_bfloat16_matmul_accumulates_in_float32_both_ways(monkeypatch, x_shape):
+    # With the dot lowering the product and both gradients are float32 sums of the
+    # bfloat16 values, rounded once: within bfloat16 rounding (2^-8) of the float32
+    # arithmetic on the same values, for the output, dx and dw.
+    x, w, dy = _bf16(x_shape, 0), _bf16((40, 24), 1), _bf16(x_shape[:-1] + (24,), 2)
+    monkeypatch.setenv('DETECTAX_MATMUL', 'dots')
+    out, vjp = jax.vjp(jax.jit(layers.matmul), x, w)
+    dx, dw = vjp(dy)
+    assert out.dtype == dx.dtype == dw.dtype == jnp.bfloat16
+    xf, wf, dyf = _f32(x), _f32(w), _f32(dy)
+    rows = tuple(range(len(x_shape) - 1))
+    for got, want in ((out, xf @ wf), (dx, dyf @ wf.T),
+                      (dw, np.tensordot(xf, dyf, axes=(rows, rows)))):
+        np.testing.assert_allclose(_f32(got), want, rtol=2 ** -8, atol=2 ** -8 * np.abs(want).max())
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda a, b: jnp.sum(layers.matmul(a, b))))(x, w))
+    assert 'custom_vjp' in jaxpr and 'preferred_element_type=float32' in jaxpr
+    monkeypatch.setenv('DETECTAX_MATMUL', 'xla')
+    # (A new lambda per trace: the choice is made when the function is traced.)
+    assert 'custom_vjp' not in str(jax.make_jaxpr(lambda a, b: layers.matmul(a, b))(x, w))
+
+
+def test_float32_matmul_and_convolutions_are_left_to_xla(monkeypatch):
+    # The float32 model is computed exactly as before the dot lowering existed.
+    monkeypatch.setenv('DETECTAX_MATMUL', 'dots')
+    x, w = jnp.ones((2, 4, 4, 16)), jnp.ones((1, 1, 16, 8))
+    assert 'custom_vjp' not in str(jax.make_jaxpr(lambda a, b: layers.matmul(a, b))(x, w[0, 0]))
+    jaxpr = str(jax.make_jaxpr(lambda a, b: layers.conv_general_dilated(
+        a, b, (1, 1), ((0, 0), (0, 0)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')))(x, w))
+    assert 'conv_general_dilated' in jaxpr and 'dot_general' not in jaxpr
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_bfloat16_1x1_conv_as_matmul_equals_the_convolution(monkeypatch, stride):
+    module = layers.conv(24, 1, stride, use_bias=True, dtype=jnp.bfloat16)
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 6, 7, 32))
+    params = module.init(jax.random.PRNGKey(0), x)
+
+    def loss(p, v):
+        return jnp.sum(module.apply(p, v).astype(jnp.float32) * jnp.arange(24))
+
+    grads, outs = {}, {}
+    for mode in ('dots', 'xla'):
+        monkeypatch.setenv('DETECTAX_MATMUL', mode)
+        outs[mode] = jax.jit(lambda p, v: module.apply(p, v))(params, x)
+        grads[mode] = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+    assert outs['dots'].shape == outs['xla'].shape == (2, 6 // stride, -(-7 // stride), 24)
+    scale = np.abs(_f32(outs['xla'])).max()
+    np.testing.assert_allclose(_f32(outs['dots']), _f32(outs['xla']), atol=2 ** -7 * scale)
+    (p_dots, x_dots), (p_xla, x_xla) = grads['dots'], grads['xla']
+    for got, want in ((p_dots['params']['kernel'], p_xla['params']['kernel']),
+                      (p_dots['params']['bias'], p_xla['params']['bias']), (x_dots, x_xla)):
+        np.testing.assert_allclose(_f32(got), _f32(want), atol=2 ** -7 * np.abs(_f32(want)).max())
+    monkeypatch.setenv('DETECTAX_MATMUL', 'dots')
+    assert 'conv_general_dilated' not in str(
+        jax.make_jaxpr(lambda p, v: module.apply(p, v))(params, x))
+
+
+def test_bfloat16_dense_and_upsample_go_through_the_matmul(monkeypatch):
+    monkeypatch.setenv('DETECTAX_MATMUL', 'dots')
+    x = jax.random.normal(jax.random.PRNGKey(4), (3, 2, 2, 8))
+    for module, want in ((layers.dense(5, dtype=jnp.bfloat16), None),
+                         (layers.Upsample2xConv(6, dtype=jnp.bfloat16), 'reference')):
+        params = module.init(jax.random.PRNGKey(0), x)
+        assert 'custom_vjp' in str(jax.make_jaxpr(lambda p, v, m=module: m.apply(p, v))(params, x))
+        if want:
+            p = jax.tree_util.tree_map(lambda a: np.asarray(a.astype(jnp.bfloat16), np.float32),
+                                       params['params'])
+            ref = _transposed_conv_reference(_f32(x.astype(jnp.bfloat16)), p['kernel'], p['bias'])
+            np.testing.assert_allclose(_f32(module.apply(params, x)), ref,
+                                       atol=2 ** -7 * np.abs(ref).max())
+
+
+def test_bad_matmul_mode_is_named(monkeypatch):
+    monkeypatch.setenv('DETECTAX_MATMUL', 'amx')
+    with pytest.raises(ValueError, match="DETECTAX_MATMUL='amx'"):
+        layers.matmul(jnp.ones((2, 3), jnp.bfloat16), jnp.ones((3, 4), jnp.bfloat16))

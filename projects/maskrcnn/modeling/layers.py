@@ -106,31 +106,112 @@ _conv_tap_grad.defvjp(_conv_tap_grad_fwd, _conv_tap_grad_bwd)
 CONV_KERNEL_GRADS = ('auto', 'xla', 'taps')
 # Where the gradient of a convolution's kernel comes from; see conv_general_dilated.
 _KERNEL_GRAD_ENV = 'DETECTAX_CONV_KERNEL_GRAD'
+MATMUL_MODES = ('auto', 'xla', 'dots')
+# How 1x1 convolutions and dense layers are lowered; see `matmul`.
+_MATMUL_ENV = 'DETECTAX_MATMUL'
+
+
+def _env_mode(name: str, modes: tuple[str, ...]) -> str:
+    mode = os.environ.get(name, 'auto')
+    if mode not in modes:
+        raise ValueError(f'{name}={mode!r}; expected one of {modes}')
+    return mode
+
+
+def _use_dots() -> bool:
+    mode = _env_mode(_MATMUL_ENV, MATMUL_MODES)
+    return mode == 'dots' or (mode == 'auto' and jax.default_backend() == 'cpu')
+
+
+_LOW_PRECISION = (jnp.bfloat16, jnp.float16)
+
+
+def _contract_last(x, w, precision=None, preferred_element_type=None):
+    return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision,
+                           preferred_element_type=preferred_element_type)
+
+
+@jax.custom_vjp
+def _wide_accumulation_matmul(x, w):
+    return _contract_last(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _wide_accumulation_matmul_fwd(x, w):
+    return _wide_accumulation_matmul(x, w), (x, w)
+
+
+def _wide_accumulation_matmul_bwd(residuals, dy):
+    x, w = residuals
+    dy = dy.astype(x.dtype)
+    dx = lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())),
+                         preferred_element_type=jnp.float32).astype(x.dtype)
+    rows = tuple(range(x.ndim - 1))
+    dw = lax.dot_general(x, dy, ((rows, rows), ((), ())),
+                         preferred_element_type=jnp.float32).astype(w.dtype)
+    return dx, dw
+
+
+_wide_accumulation_matmul.defvjp(_wide_accumulation_matmul_fwd, _wide_accumulation_matmul_bwd)
+
+
+def matmul(x, w, precision=None):
+    """x [..., K] @ w [K, N], with float32 accumulation for 16-bit operands on CPU.
+
+    XLA:CPU runs a bfloat16 matmul whose result is bfloat16 at about the float32
+    rate, but one with a float32 result on the CPU's bfloat16 matrix units
+    (AMX) at 2-6x that (benchmarks/matmul_microbenchmark.py). With 16-bit
+    operands and the dot lowering on (DETECTAX_MATMUL=auto on the CPU backend,
+    or =dots), the product and both of its gradients accumulate in float32 and
+    round once to the operands' dtype, as a GPU's tensor cores do. Otherwise it
+    is `lax.dot_general`.
+    """
+    if x.dtype in _LOW_PRECISION and w.dtype == x.dtype and w.ndim == 2 and _use_dots():
+        return _wide_accumulation_matmul(x, w)
+    return _contract_last(x, w, precision)
+
+
+def dense_dot_general(lhs, rhs, dimension_numbers, precision=None,
+                      preferred_element_type=None):
+    """`lax.dot_general` for `nn.Dense`: its [..., K] @ [K, N] products go through `matmul`."""
+    if (preferred_element_type is None and rhs.ndim == 2
+            and tuple(map(tuple, dimension_numbers[0])) == ((lhs.ndim - 1,), (0,))
+            and not any(dimension_numbers[1])):
+        return matmul(lhs, rhs, precision)
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                           preferred_element_type=preferred_element_type)
 
 
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          precision=None, **kwargs):
-    """`lax.conv_general_dilated` whose kernel gradient is a sum of tap matmuls on CPU.
+    """`lax.conv_general_dilated`, rewritten into matmuls on CPU where that is faster.
 
-    XLA lowers a convolution's kernel gradient to a convolution whose window is
-    the whole feature map; XLA:CPU runs that form 3-8x slower than the matmuls
-    that compute the same numbers (benchmarks/conv_grad_microbenchmark.py). For
-    plain NHWC convolutions with enough input channels to fill a matmul, this
-    keeps XLA's forward pass and input gradient and computes the kernel gradient
-    as one matmul per kernel tap. 'auto' does so on the CPU backend only; the
-    environment variable DETECTAX_CONV_KERNEL_GRAD=xla|taps overrides it.
+    For plain NHWC convolutions (no dilation or groups, explicit padding):
+    - with 16-bit operands, a 1x1 kernel without padding is a (strided) slice
+      and a `matmul`, which XLA:CPU runs on the bfloat16 matrix units: 2-5x
+      the convolution's rate (DETECTAX_MATMUL; float32 is left to XLA, whose
+      convolution runs within noise of the dot inside the training step);
+    - a larger kernel keeps XLA's forward pass and input gradient, and its
+      kernel gradient is one matmul per kernel tap: XLA lowers that gradient to
+      a convolution whose window is the whole feature map, which XLA:CPU runs
+      3-8x slower (benchmarks/conv_grad_microbenchmark.py). This needs enough
+      input channels to fill a matmul (16). DETECTAX_CONV_KERNEL_GRAD=xla|taps
+      overrides the 'auto' choice (the CPU backend).
     """
-    mode = os.environ.get(_KERNEL_GRAD_ENV, 'auto')
-    if mode not in CONV_KERNEL_GRADS:
-        raise ValueError(f'{_KERNEL_GRAD_ENV}={mode!r}; expected one of {CONV_KERNEL_GRADS}')
+    mode = _env_mode(_KERNEL_GRAD_ENV, CONV_KERNEL_GRADS)
     plain = (lhs.ndim == 4 and feature_group_count == 1 and not kwargs
              and all(d in (None, (1, 1)) for d in (lhs_dilation, rhs_dilation))
              and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
              == lax.conv_dimension_numbers(lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))
-             and not isinstance(padding, str) and lhs.shape[-1] >= 16)
+             and not isinstance(padding, str))
+    if (plain and rhs.shape[:2] == (1, 1) and all(int(v) == 0 for p in padding for v in p)
+            and lhs.dtype in _LOW_PRECISION and rhs.dtype == lhs.dtype and _use_dots()):
+        sh, sw = window_strides
+        x = lhs if (sh, sw) == (1, 1) else lax.slice(lhs, (0, 0, 0, 0), lhs.shape,
+                                                        (1, sh, sw, 1))
+        return matmul(x, rhs[0, 0], precision)
     use_taps = mode == 'taps' or (mode == 'auto' and jax.default_backend() == 'cpu')
-    if plain and use_taps:
+    if plain and use_taps and lhs.shape[-1] >= 16:
         padding = tuple(tuple(int(v) for v in pair) for pair in padding)
         return _conv_tap_grad(lhs, rhs, tuple(window_strides), padding, precision)
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
@@ -152,7 +233,8 @@ def conv(features: int, kernel: int, stride: int = 1, *, use_bias: bool = False,
                    name=name)
 
 
-dense = functools.partial(nn.Dense, kernel_init=xavier_init)
+# Dense layers whose products go through `matmul` (float32 accumulation of bfloat16 on CPU).
+dense = functools.partial(nn.Dense, kernel_init=xavier_init, dot_general=dense_dot_general)
 
 
 class Upsample2xConv(nn.Module):
@@ -172,6 +254,13 @@ class Upsample2xConv(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         kernel = self.param('kernel', self.kernel_init, (2, 2, x.shape[-1], self.features))
         bias = self.param('bias', nn.initializers.zeros, (self.features,))
-        y = jnp.einsum('nhwc,abco->nhawbo', x.astype(self.dtype), kernel.astype(self.dtype))
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        if x.dtype in _LOW_PRECISION:  # through `matmul`, for its float32 accumulation
+            c, o = x.shape[-1], self.features
+            y = matmul(x, kernel.transpose(2, 0, 1, 3).reshape(c, 4 * o))  # [n, h, w, (a, b, o)]
+            n, h, w, _ = y.shape
+            y = y.reshape(n, h, w, 2, 2, o).transpose(0, 1, 3, 2, 4, 5)
+        else:
+            y = jnp.einsum('nhwc,abco->nhawbo', x, kernel)
         n, h, _, w, _, o = y.shape
         return y.reshape(n, 2 * h, 2 * w, o) + bias.astype(self.dtype)

@@ -32,10 +32,10 @@ class BoxHead(nn.Module):
         x = roi_features.reshape(roi_features.shape[:-3] + (-1,))
         for i in range(self.num_fc):
             x = nn.relu(dense(self.fc_dim, dtype=self.dtype, name=f'fc{i + 1}')(x))
-        logits = nn.Dense(self.num_classes + 1, dtype=self.dtype,
-                          kernel_init=nn.initializers.normal(0.01), name='cls_score')(x)
+        logits = dense(self.num_classes + 1, dtype=self.dtype,
+                       kernel_init=nn.initializers.normal(0.01), name='cls_score')(x)
         num_reg = 1 if self.class_agnostic else self.num_classes
-        deltas = nn.Dense(4 * num_reg, dtype=self.dtype,
-                          kernel_init=nn.initializers.normal(0.001), name='bbox_pred')(x)
+        deltas = dense(4 * num_reg, dtype=self.dtype,
+                       kernel_init=nn.initializers.normal(0.001), name='bbox_pred')(x)
         return (logits.astype(jnp.float32),
                 deltas.reshape(deltas.shape[:-1] + (num_reg, 4)).astype(jnp.float32))

@@ -44,6 +44,6 @@ class MaskHead(nn.Module):
                              "expected 'deconv' or 'bilinear'")
         x = nn.relu(x)
         out = 1 if self.class_agnostic else self.num_classes
-        logits = nn.Conv(out, (1, 1), dtype=self.dtype,
-                         kernel_init=nn.initializers.normal(0.001), name='predictor')(x)
+        logits = conv(out, 1, use_bias=True, dtype=self.dtype,
+                      kernel_init=nn.initializers.normal(0.001), name='predictor')(x)
         return logits.astype(jnp.float32)
