@@ -50,7 +50,7 @@ def _jit_in_mode(fn, mode: str | None):
 def main(argv):
     del argv
     f = flags.FLAGS
-    print(f'{"M x K x N":>18s} {"arithmetic":28s} {"product":>17s} {"with gradients":>20s} '
+    print(f'{"M x K x N":>18s} {"arithmetic":30s} {"product":>17s} {"with gradients":>20s} '
           f'{"max rel. diff":>14s}')
     for spec in f.shapes:
         m, k, n = (int(v) for v in spec.split('x'))
@@ -77,7 +77,7 @@ def main(argv):
             t_grads = timing.median_seconds(grads, x, w, dy, reps=f.reps)
             diff = max(float(jnp.max(jnp.abs(got.astype(jnp.float32) - want))) / s
                        for got, want, s in zip(grads(x, w, dy), ref, scale))
-            print(f'{spec:>18s} {label:28s} {1e3 * t_product:7.1f} ms {flop / t_product / 1e9:4.0f} '
+            print(f'{spec:>18s} {label:30s} {1e3 * t_product:7.1f} ms {flop / t_product / 1e9:4.0f} '
                   f'GF/s {1e3 * t_grads:8.1f} ms {3 * flop / t_grads / 1e9:4.0f} GF/s '
                   f'{diff:14.1e}')
         np.testing.assert_array_less(diff, 2 ** -7)   # the =dots row: bfloat16 rounding only
