@@ -159,7 +159,8 @@ def matmul(x, w, precision=None):
 
     XLA:CPU runs a bfloat16 matmul whose result is bfloat16 at about the float32
     rate, but one with a float32 result on the CPU's bfloat16 matrix units
-    (AMX) at 2-6x that (benchmarks/matmul_microbenchmark.py). With 16-bit
+    (AMX) at 3-6x that (benchmarks/matmul_microbenchmark.py; XLA still upcasts
+    the weight gradient, a contraction over the rows, to float32). With 16-bit
     operands and the dot lowering on (DETECTAX_MATMUL=auto on the CPU backend,
     or =dots), the product and both of its gradients accumulate in float32 and
     round once to the operands' dtype, as a GPU's tensor cores do. Otherwise it
@@ -188,8 +189,8 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
 
     For plain NHWC convolutions (no dilation or groups, explicit padding):
     - with 16-bit operands, a 1x1 kernel without padding is a (strided) slice
-      and a `matmul`, which XLA:CPU runs on the bfloat16 matrix units: 2-5x
-      the convolution's rate (DETECTAX_MATMUL; float32 is left to XLA, whose
+      and a `matmul`, which XLA:CPU runs on the bfloat16 matrix units, unlike
+      its bfloat16 convolution (DETECTAX_MATMUL; float32 is left to XLA, whose
       convolution runs within noise of the dot inside the training step);
     - a larger kernel keeps XLA's forward pass and input gradient, and its
       kernel gradient is one matmul per kernel tap: XLA lowers that gradient to
