@@ -12,8 +12,6 @@ and =taps around the same `layers.conv_general_dilated`), and checks that the
 two kernel gradients agree.
 """
 
-import os
-
 from absl import app, flags
 import jax
 import jax.numpy as jnp
@@ -32,20 +30,7 @@ def define_flags() -> None:
 
 def _jit_in_mode(fn, mode: str):
     """jit(fn) traced with DETECTAX_CONV_KERNEL_GRAD=mode (the choice is made at trace time)."""
-    # A fresh function per mode: jit caches its traces by the function it wraps.
-    jitted = jax.jit(lambda *args: fn(*args))
-
-    def run(*args):
-        previous = os.environ.get('DETECTAX_CONV_KERNEL_GRAD')
-        os.environ['DETECTAX_CONV_KERNEL_GRAD'] = mode
-        try:
-            return jitted(*args)
-        finally:
-            if previous is None:
-                del os.environ['DETECTAX_CONV_KERNEL_GRAD']
-            else:
-                os.environ['DETECTAX_CONV_KERNEL_GRAD'] = previous
-    return run
+    return timing.jit_with_env(fn, 'DETECTAX_CONV_KERNEL_GRAD', mode)
 
 
 def main(argv):

@@ -13,8 +13,6 @@ float32, in bfloat16 as XLA computes it (DETECTAX_MATMUL=xla) and through
 difference from float32 arithmetic on the same bfloat16 values.
 """
 
-import os
-
 from absl import app, flags
 import jax
 import jax.numpy as jnp
@@ -30,21 +28,9 @@ def define_flags() -> None:
     flags.DEFINE_integer('reps', 3, 'Timed runs (median).')
 
 
-def _jit_in_mode(fn, mode: str | None):
+def _jit_in_mode(fn, mode: str):
     """jit(fn) traced with DETECTAX_MATMUL=mode (the choice is made at trace time)."""
-    jitted = jax.jit(lambda *args: fn(*args))   # a fresh function: jit caches traces by it
-
-    def run(*args):
-        previous = os.environ.get('DETECTAX_MATMUL')
-        os.environ['DETECTAX_MATMUL'] = mode
-        try:
-            return jitted(*args)
-        finally:
-            if previous is None:
-                del os.environ['DETECTAX_MATMUL']
-            else:
-                os.environ['DETECTAX_MATMUL'] = previous
-    return run
+    return timing.jit_with_env(fn, 'DETECTAX_MATMUL', mode)
 
 
 def main(argv):
