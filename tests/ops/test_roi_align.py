@@ -249,6 +249,24 @@ def test_matmul_and_gather_agree_in_value_and_feature_gradient():
         np.testing.assert_allclose(g_matmul, g_gather, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize('sampling_ratio,aligned', [(2, True), (1, False)])
+def test_gather_gradient_with_respect_to_boxes_matches_autodiff(sampling_ratio, aligned):
+    # The gather form's hand-written gradient covers the sampling weights too: the
+    # boxes' gradient equals plain autodiff through the matrix form's weights.
+    rng = np.random.default_rng(4)
+    feats = [jnp.asarray(f) for f in _pyramid(rng, channels=3)]
+    boxes = jnp.asarray(_boxes_on_all_levels(rng))
+    cotangent = jnp.asarray(rng.normal(size=(len(boxes), 5, 5, 3)).astype(np.float32))
+
+    def loss(b, impl):
+        return jnp.sum(_align(feats, b, output_size=5, sampling_ratio=sampling_ratio,
+                              aligned=aligned, impl=impl) * cotangent)
+
+    grads = {impl: jax.grad(loss)(boxes, impl) for impl in IMPLS}
+    assert float(jnp.abs(grads['gather']).max()) > 0.0
+    np.testing.assert_allclose(grads['gather'], grads['matmul'], rtol=1e-4, atol=1e-4)
+
+
 def test_auto_picks_the_matrix_form_for_small_maps_only():
     def pyramid(h, w, c=256):
         return [(h // s, w // s, c) for s in STRIDES]
@@ -256,6 +274,8 @@ def test_auto_picks_the_matrix_form_for_small_maps_only():
     assert roi_align.choose_impl(pyramid(128, 128, 64), 14, 2) == 'matmul'
     assert roi_align.choose_impl(pyramid(800, 1216), 7, 2) == 'gather'
     assert roi_align.choose_impl(pyramid(800, 1216), 14, 2) == 'gather'
+    # Inference: the gather form's forward pass is the faster one at every size.
+    assert roi_align.choose_impl(pyramid(128, 128, 64), 7, 2, with_gradient=False) == 'gather'
 
 
 def test_unknown_impl_is_an_error_naming_it():

@@ -183,17 +183,18 @@ class MaskRCNN(nn.Module):
         return {'logits': logits, 'deltas': deltas, 'anchors': anchors,
                 'proposals': proposals, 'proposals_valid': valid, 'proposal_logits': scores}
 
-    def pool(self, features: list[jnp.ndarray], boxes: jnp.ndarray, resolution: int
-             ) -> jnp.ndarray:
-        """RoIAlign of [B, R, 4] boxes from P2..P5: [B, R, S, S, C]."""
-        return self._pool(features[:4], _strides(4), boxes, resolution)
+    def pool(self, features: list[jnp.ndarray], boxes: jnp.ndarray, resolution: int,
+             train: bool = False) -> jnp.ndarray:
+        """RoIAlign of [B, R, 4] boxes from P2..P5: [B, R, S, S, C]. `train`:
+        the result will be differentiated (it steers roi_align_impl='auto')."""
+        return self._pool(features[:4], _strides(4), boxes, resolution, train)
 
-    def _pool(self, features, strides, boxes, resolution):
+    def _pool(self, features, strides, boxes, resolution, train=True):
         r = self.roi_heads
         fn = lambda feats, b: roi_align.multilevel_roi_align(
             feats, strides, b, resolution, r.sampling_ratio, r.aligned, MIN_LEVEL,
             r.canonical_size, r.canonical_level, r.level_rule, r.adaptive_sampling_cap,
-            r.roi_align_impl)
+            r.roi_align_impl, with_gradient=train)
         return jax.vmap(fn)(features, boxes)
 
     def _class_channel(self, per_class, classes):
