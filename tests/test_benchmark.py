@@ -97,6 +97,18 @@ def test_conv_grad_microbenchmark_times_both_kernel_gradients():
     assert err < 1e-4
 
 
+def test_conv_grad_microbenchmark_in_bfloat16_times_the_tap_dots():
+    cmd = [sys.executable, '-m', 'benchmarks.conv_grad_microbenchmark', '--shape=1,6,7,16',
+           '--features=8', '--kernel=3', '--stride=1', '--reps=1', '--dtype=bfloat16']
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names = re.findall(r'^((?:forward conv|input grad|kernel grad), [a-zA-Z ]+?)\s+[0-9.]+ ms',
+                       proc.stdout, re.M)
+    assert names == ['forward conv, XLA', 'forward conv, tap dots', 'input grad, XLA',
+                     'input grad, tap dots', 'kernel grad, XLA',
+                     'kernel grad, tap matmuls'], proc.stdout
+
+
 def test_roi_align_benchmark_times_both_forms_and_says_which_auto_picks():
     cmd = [sys.executable, '-m', 'benchmarks.roi_align_benchmark', '--image=64,64', '--batch=2',
            '--boxes=5', '--channels=4', '--output_size=3', '--reps=1']

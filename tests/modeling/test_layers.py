@@ -194,6 +194,42 @@ def test_bfloat16_1x1_conv_as_matmul_equals_the_convolution(monkeypatch, stride)
         jax.make_jaxpr(lambda p, v: module.apply(p, v))(params, x))
 
 
+@pytest.mark.parametrize('shape,kernel,stride,padding', [
+    ((2, 9, 11, 16), 3, 1, 1),
+    ((1, 8, 9, 16), 3, 1, 0),      # no padding: the gradient's padding is uneven
+    ((1, 9, 9, 16), 5, 1, 2),
+])
+def test_bfloat16_conv_as_tap_dots_sums_in_float32(monkeypatch, shape, kernel, stride, padding):
+    # With the dot lowering a stride-1 bfloat16 convolution and its input gradient
+    # are one float32-accumulated dot per kernel tap, rounded once: within bfloat16
+    # rounding of float32 arithmetic on the same values.
+    x, w = _bf16(shape, 5), _bf16((kernel, kernel, shape[-1], 8), 6)
+    pads = ((padding, padding), (padding, padding))
+    conv = lambda a, b: layers.conv_general_dilated(a, b, (stride, stride), pads,
+                                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    monkeypatch.setenv('DETECTAX_MATMUL', 'dots')
+    out, vjp = jax.vjp(jax.jit(lambda a, b: conv(a, b)), x, w)
+    dy = _bf16(out.shape, 7)
+    dx, dw = vjp(dy)
+    assert out.dtype == dx.dtype == dw.dtype == jnp.bfloat16
+    ref = lambda a, b: jax.lax.conv_general_dilated(
+        a, b, (stride, stride), pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        precision='highest')
+    want, ref_vjp = jax.vjp(ref, jnp.asarray(_f32(x)), jnp.asarray(_f32(w)))
+    want_dx, want_dw = ref_vjp(jnp.asarray(_f32(dy)))
+    for got, ok in ((out, want), (dx, want_dx), (dw, want_dw)):
+        ok = np.asarray(ok)
+        np.testing.assert_allclose(_f32(got), ok, atol=2 ** -8 * np.abs(ok).max())
+    jaxpr = str(jax.make_jaxpr(lambda a, b: conv(a, b))(x, w))
+    assert 'conv_general_dilated' not in jaxpr and 'preferred_element_type=float32' in jaxpr
+    monkeypatch.setenv('DETECTAX_MATMUL', 'xla')
+    assert 'dot_general' not in str(jax.make_jaxpr(lambda a, b: conv(a, b))(x, w))
+    # Strided taps are copies: a stride-2 convolution keeps XLA's forward pass.
+    monkeypatch.setenv('DETECTAX_MATMUL', 'dots')
+    assert 'conv_general_dilated' in str(jax.make_jaxpr(lambda a, b: layers.conv_general_dilated(
+        a, b, (2, 2), pads, dimension_numbers=('NHWC', 'HWIO', 'NHWC')))(x, w))
+
+
 def test_bfloat16_dense_and_upsample_go_through_the_matmul(monkeypatch):
     monkeypatch.setenv('DETECTAX_MATMUL', 'dots')
     x = jax.random.normal(jax.random.PRNGKey(4), (3, 2, 2, 8))

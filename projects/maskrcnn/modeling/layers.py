@@ -74,22 +74,46 @@ def _kernel_taps(x, kernel_hw, strides, padding, out_hw):
             for a in range(kh) for b in range(kw)]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv_tap_grad(x, kernel, strides, padding, precision):
+def _conv_as_tap_dots(x, kernel, strides, padding):
+    """A convolution as one float32-accumulated matmul per kernel tap, rounded once."""
+    kh, kw = kernel.shape[:2]
+    out_hw = tuple((x.shape[1 + d] + sum(padding[d]) - kernel.shape[d]) // strides[d] + 1
+                   for d in range(2))
+    taps = _kernel_taps(x, (kh, kw), strides, padding, out_hw)
+    acc = None
+    for t, w in zip(taps, kernel.reshape(kh * kw, *kernel.shape[2:])):
+        y = _contract_last(t, w, preferred_element_type=jnp.float32)
+        acc = y if acc is None else acc + y
+    return acc.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv_tap_grad(x, kernel, strides, padding, precision, tap_dots=False):
+    if tap_dots:
+        return _conv_as_tap_dots(x, kernel, strides, padding)
     return lax.conv_general_dilated(x, kernel, strides, padding, precision=precision,
                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
-def _conv_tap_grad_fwd(x, kernel, strides, padding, precision):
-    return _conv_tap_grad(x, kernel, strides, padding, precision), (x, kernel)
+def _conv_tap_grad_fwd(x, kernel, strides, padding, precision, tap_dots=False):
+    return _conv_tap_grad(x, kernel, strides, padding, precision, tap_dots), (x, kernel)
 
 
-def _conv_tap_grad_bwd(strides, padding, precision, residuals, dy):
+def _conv_tap_grad_bwd(strides, padding, precision, tap_dots, residuals, dy):
     x, kernel = residuals
-    _, input_vjp = jax.vjp(
-        lambda v: lax.conv_general_dilated(v, kernel, strides, padding, precision=precision,
-                                           dimension_numbers=('NHWC', 'HWIO', 'NHWC')), x)
-    (dx,) = input_vjp(dy)
+    kh, kw = kernel.shape[:2]
+    if tap_dots:
+        # The input gradient of a stride-1 convolution is a convolution of dy
+        # with the flipped, transposed kernel and the complementary padding.
+        flipped = kernel[::-1, ::-1].transpose(0, 1, 3, 2)
+        pads = ((kh - 1 - padding[0][0], x.shape[1] + padding[0][0] - dy.shape[1]),
+                (kw - 1 - padding[1][0], x.shape[2] + padding[1][0] - dy.shape[2]))
+        dx = _conv_as_tap_dots(dy.astype(x.dtype), flipped, (1, 1), pads)
+    else:
+        _, input_vjp = jax.vjp(
+            lambda v: lax.conv_general_dilated(v, kernel, strides, padding, precision=precision,
+                                               dimension_numbers=('NHWC', 'HWIO', 'NHWC')), x)
+        (dx,) = input_vjp(dy)
     # d kernel[a, b] = sum over n, i, j of x_pad[n, s*i + a, s*j + b]^T dy[n, i, j]:
     # one [C, N*H*W] @ [N*H*W, F] matmul per tap.
     dy2 = dy.reshape(-1, dy.shape[-1])
@@ -192,12 +216,17 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
       and a `matmul`, which XLA:CPU runs on the bfloat16 matrix units, unlike
       its bfloat16 convolution (DETECTAX_MATMUL; float32 is left to XLA, whose
       convolution runs within noise of the dot inside the training step);
-    - a larger kernel keeps XLA's forward pass and input gradient, and its
-      kernel gradient is one matmul per kernel tap: XLA lowers that gradient to
-      a convolution whose window is the whole feature map, which XLA:CPU runs
-      3-8x slower (benchmarks/conv_grad_microbenchmark.py). This needs enough
-      input channels to fill a matmul (16). DETECTAX_CONV_KERNEL_GRAD=xla|taps
-      overrides the 'auto' choice (the CPU backend).
+    - a larger kernel's kernel gradient is one matmul per kernel tap: XLA
+      lowers that gradient to a convolution whose window is the whole feature
+      map, which XLA:CPU runs 3-8x slower (benchmarks/conv_grad_microbenchmark.py).
+      This needs enough input channels to fill a matmul (16).
+      DETECTAX_CONV_KERNEL_GRAD=xla|taps overrides the 'auto' choice (the CPU
+      backend). In float32 the forward pass and input gradient stay XLA's; with
+      16-bit operands, stride 1 and the dot lowering (DETECTAX_MATMUL) the
+      forward pass and the input gradient are one float32-accumulated dot per
+      tap as well, 1.4-4x faster than XLA's bfloat16 convolution on the CPU's
+      matrix units (3x3, 256 channels, 14x14 to 128x128 maps,
+      conv_grad_microbenchmark --dtype=bfloat16).
     """
     mode = _env_mode(_KERNEL_GRAD_ENV, CONV_KERNEL_GRADS)
     plain = (lhs.ndim == 4 and feature_group_count == 1 and not kwargs
@@ -214,7 +243,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     use_taps = mode == 'taps' or (mode == 'auto' and jax.default_backend() == 'cpu')
     if plain and use_taps and lhs.shape[-1] >= 16:
         padding = tuple(tuple(int(v) for v in pair) for pair in padding)
-        return _conv_tap_grad(lhs, rhs, tuple(window_strides), padding, precision)
+        # Stride 1 only: strided taps are copies, and measured slower than XLA's.
+        tap_dots = (lhs.dtype in _LOW_PRECISION and rhs.dtype == lhs.dtype and _use_dots()
+                    and tuple(window_strides) == (1, 1))
+        return _conv_tap_grad(lhs, rhs, tuple(window_strides), padding, precision, tap_dots)
     return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
                                     rhs_dilation, dimension_numbers, feature_group_count,
                                     precision=precision, **kwargs)
