@@ -1,19 +1,18 @@
-r"""A convolution's kernel gradient on the CPU: XLA's own form against the project's tap matmuls.
+r"""One convolution layer on the CPU: XLA's lowering against the project's.
 
   python -m benchmarks.conv_grad_microbenchmark --shape=2,128,128,256 --features=256 --kernel=3 --stride=1
   python -m benchmarks.conv_grad_microbenchmark ... --dtype=bfloat16
 
-The profile of a Detectax training step on the CPU (benchmarks/profile_step.py)
-put the kernel gradients of convolutions on top: XLA lowers each to a
-convolution whose window is the whole feature map, a form XLA:CPU runs far below
-its matmul rate. modeling/layers.py computes the same gradient as one matmul per
-kernel tap. This script times, on one layer shape, the forward convolution, the
-input gradient and the kernel gradient both ways (DETECTAX_CONV_KERNEL_GRAD=xla
-and =taps around the same `layers.conv_general_dilated`), and checks that the
-two kernel gradients agree. With `--dtype=bfloat16` it also times the forward
-convolution and the input gradient as XLA's bfloat16 convolution
-(DETECTAX_MATMUL=xla) against the float32-accumulated tap dots (=dots), which
-XLA:CPU runs on the bfloat16 matrix units where the CPU has them.
+`modeling/layers.py: conv_general_dilated` rewrites convolutions into matmuls
+where XLA:CPU runs those faster: a kernel gradient as one matmul per kernel tap
+(XLA lowers it to a convolution whose window is the whole feature map, far
+below its matmul rate), a 1x1 convolution as a dot, and in bfloat16 a stride-1
+convolution and its input gradient as float32-accumulated tap dots (which
+XLA:CPU runs on the bfloat16 matrix units where the CPU has them). This script
+times, on one layer shape, the forward convolution and the input gradient with
+XLA's lowering (DETECTAX_MATMUL=xla, DETECTAX_CONV_KERNEL_GRAD=xla) and with
+the project's default ('Detectax'), and the kernel gradient both ways (=xla
+and =taps), and checks that the two kernel gradients agree.
 """
 
 from absl import app, flags
@@ -33,9 +32,10 @@ def define_flags() -> None:
     flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Operand dtype.')
 
 
-def _jit_in_mode(fn, mode: str):
-    """jit(fn) traced with DETECTAX_CONV_KERNEL_GRAD=mode (the choice is made at trace time)."""
-    return timing.jit_with_env(fn, 'DETECTAX_CONV_KERNEL_GRAD', mode)
+def _jit_in_mode(fn, kernel_grad: str, matmul: str = 'xla'):
+    """jit(fn) traced with DETECTAX_CONV_KERNEL_GRAD and DETECTAX_MATMUL set (read at trace time)."""
+    return timing.jit_with_env(fn, 'DETECTAX_CONV_KERNEL_GRAD', kernel_grad,
+                               DETECTAX_MATMUL=matmul)
 
 
 def main(argv):
@@ -66,15 +66,10 @@ def main(argv):
     assert err < (1e-4 if dtype == jnp.float32 else 2 ** -6), err
     print(f'input {n}x{h}x{w}x{c}, {k}x{k} stride {s} -> {f.features}, {f.dtype}: '
           f'{flops / 1e9:.2f} GFLOP each')
-    rows = [('forward conv', _jit_in_mode(conv, 'xla'), (x, kernel)),
-            ('input grad', _jit_in_mode(input_grad, 'xla'), (x, kernel, dy))]
-    if dtype != jnp.float32:
-        # The forward pass and input gradient with and without the tap dots.
-        dots = lambda fn, mode: timing.jit_with_env(fn, 'DETECTAX_MATMUL', mode)  # noqa: E731
-        rows = [('forward conv, XLA', dots(conv, 'xla'), (x, kernel)),
-                ('forward conv, tap dots', dots(conv, 'dots'), (x, kernel)),
-                ('input grad, XLA', dots(input_grad, 'xla'), (x, kernel, dy)),
-                ('input grad, tap dots', dots(input_grad, 'dots'), (x, kernel, dy))]
+    rows = [('forward conv, XLA', _jit_in_mode(conv, 'xla'), (x, kernel)),
+            ('forward conv, Detectax', _jit_in_mode(conv, 'auto', 'auto'), (x, kernel)),
+            ('input grad, XLA', _jit_in_mode(input_grad, 'xla'), (x, kernel, dy)),
+            ('input grad, Detectax', _jit_in_mode(input_grad, 'auto', 'auto'), (x, kernel, dy))]
     for name, fn, args in rows + [('kernel grad, XLA', xla, (x, kernel, dy)),
                                   ('kernel grad, tap matmuls', taps, (x, kernel, dy))]:
         t = timing.median_seconds(fn, *args, reps=f.reps)

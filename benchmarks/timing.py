@@ -18,21 +18,24 @@ def median_seconds(fn, *args, reps: int) -> float:
     return statistics.median(times)
 
 
-def jit_with_env(fn, name: str, value: str):
-    """jit(fn) traced with the environment variable `name` set to `value`, restored after.
+def jit_with_env(fn, name: str, value: str, **more: str):
+    """jit(fn) traced with the environment variable `name` set to `value` (and any
+    `more` NAME=value pairs), restored after.
 
     For the lowering switches of modeling/layers.py, which are read when a function is traced.
     """
+    env = {name: value, **more}
     jitted = jax.jit(lambda *args: fn(*args))   # a fresh function: jit caches traces by it
 
     def run(*args):
-        previous = os.environ.get(name)
-        os.environ[name] = value
+        previous = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
         try:
             return jitted(*args)
         finally:
-            if previous is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = previous
+            for k, v in previous.items():
+                if v is None:
+                    del os.environ[k]
+                else:
+                    os.environ[k] = v
     return run

@@ -158,14 +158,37 @@ def test_bfloat16_matmul_accumulates_in_float32_both_ways(monkeypatch, x_shape):
     assert 'custom_vjp' not in str(jax.make_jaxpr(lambda a, b: layers.matmul(a, b))(x, w))
 
 
-def test_float32_matmul_and_convolutions_are_left_to_xla(monkeypatch):
-    # The float32 model is computed exactly as before the dot lowering existed.
+def test_float32_lowering_dots_for_1x1_only(monkeypatch):
+    # float32: a 1x1 convolution is a plain dot (no float32-sum custom rule needed);
+    # a 3x3 one keeps XLA's forward convolution.
     monkeypatch.setenv('DETECTAX_MATMUL', 'dots')
     x, w = jnp.ones((2, 4, 4, 16)), jnp.ones((1, 1, 16, 8))
     assert 'custom_vjp' not in str(jax.make_jaxpr(lambda a, b: layers.matmul(a, b))(x, w[0, 0]))
-    jaxpr = str(jax.make_jaxpr(lambda a, b: layers.conv_general_dilated(
-        a, b, (1, 1), ((0, 0), (0, 0)), dimension_numbers=('NHWC', 'HWIO', 'NHWC')))(x, w))
-    assert 'conv_general_dilated' in jaxpr and 'dot_general' not in jaxpr
+    conv = lambda a, b, pad: layers.conv_general_dilated(  # noqa: E731
+        a, b, (1, 1), ((pad, pad), (pad, pad)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    jaxpr = str(jax.make_jaxpr(lambda a, b: conv(a, b, 0))(x, w))
+    assert 'conv_general_dilated' not in jaxpr and 'custom_vjp' not in jaxpr
+    jaxpr = str(jax.make_jaxpr(lambda a, b: conv(a, b, 1))(x, jnp.ones((3, 3, 16, 8))))
+    assert 'conv_general_dilated' in jaxpr
+    monkeypatch.setenv('DETECTAX_MATMUL', 'xla')
+    assert 'conv_general_dilated' in str(jax.make_jaxpr(lambda a, b: conv(a, b, 0))(x, w))
+
+
+@pytest.mark.parametrize('stride', [1, 2])
+def test_float32_1x1_conv_as_dot_equals_the_convolution(monkeypatch, stride):
+    x = jax.random.normal(jax.random.PRNGKey(8), (2, 7, 6, 24))
+    w = jax.random.normal(jax.random.PRNGKey(9), (1, 1, 24, 5))
+    conv = lambda a, b: layers.conv_general_dilated(  # noqa: E731
+        a, b, (stride, stride), ((0, 0), (0, 0)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    loss = lambda a, b: jnp.sum(jnp.sin(conv(a, b)))  # noqa: E731
+    out = {}
+    for mode in ('dots', 'xla'):
+        monkeypatch.setenv('DETECTAX_MATMUL', mode)
+        out[mode] = (jax.jit(lambda a, b: conv(a, b))(x, w),
+                     jax.jit(jax.grad(lambda a, b: loss(a, b), argnums=(0, 1)))(x, w))
+    np.testing.assert_allclose(out['dots'][0], out['xla'][0], rtol=1e-5, atol=1e-5)
+    for got, want in zip(out['dots'][1], out['xla'][1]):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('stride', [1, 2])

@@ -183,8 +183,11 @@ def matmul(x, w, precision=None):
 
     XLA:CPU runs a bfloat16 matmul whose result is bfloat16 at about the float32
     rate, but one with a float32 result on the CPU's bfloat16 matrix units
-    (AMX) at 3-6x that (benchmarks/matmul_microbenchmark.py; XLA still upcasts
-    the weight gradient, a contraction over the rows, to float32). With 16-bit
+    (AMX) at 3-6x that (benchmarks/matmul_microbenchmark.py). XLA still upcasts
+    the weight gradient, a contraction over the rows, to float32: it folds the
+    transpose that contraction needs into the dot, and its YNNPACK dot takes
+    only row-major operands (an explicit transpose, even behind an
+    optimization barrier, was folded or given a column-major layout). With 16-bit
     operands and the dot lowering on (DETECTAX_MATMUL=auto on the CPU backend,
     or =dots), the product and both of its gradients accumulate in float32 and
     round once to the operands' dtype, as a GPU's tensor cores do. Otherwise it
@@ -212,10 +215,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     """`lax.conv_general_dilated`, rewritten into matmuls on CPU where that is faster.
 
     For plain NHWC convolutions (no dilation or groups, explicit padding):
-    - with 16-bit operands, a 1x1 kernel without padding is a (strided) slice
-      and a `matmul`, which XLA:CPU runs on the bfloat16 matrix units, unlike
-      its bfloat16 convolution (DETECTAX_MATMUL; float32 is left to XLA, whose
-      convolution runs within noise of the dot inside the training step);
+    - a 1x1 kernel without padding is a (strided) slice and a `matmul`
+      (DETECTAX_MATMUL): in float32 a plain dot, whose forward pass XLA:CPU
+      runs 1.3-6x faster than its 1x1 convolution (most for few output
+      channels, as the RPN and mask predictors have); with 16-bit operands a
+      float32-accumulated dot, which runs on the bfloat16 matrix units, unlike
+      XLA's bfloat16 convolution;
     - a larger kernel's kernel gradient is one matmul per kernel tap: XLA
       lowers that gradient to a convolution whose window is the whole feature
       map, which XLA:CPU runs 3-8x slower (benchmarks/conv_grad_microbenchmark.py).
@@ -235,7 +240,7 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
              == lax.conv_dimension_numbers(lhs.shape, rhs.shape, ('NHWC', 'HWIO', 'NHWC'))
              and not isinstance(padding, str))
     if (plain and rhs.shape[:2] == (1, 1) and all(int(v) == 0 for p in padding for v in p)
-            and lhs.dtype in _LOW_PRECISION and rhs.dtype == lhs.dtype and _use_dots()):
+            and rhs.dtype == lhs.dtype and _use_dots()):
         sh, sw = window_strides
         x = lhs if (sh, sw) == (1, 1) else lax.slice(lhs, (0, 0, 0, 0), lhs.shape,
                                                         (1, sh, sw, 1))
