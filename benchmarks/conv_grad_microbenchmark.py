@@ -34,8 +34,7 @@ def define_flags() -> None:
 
 def _jit_in_mode(fn, kernel_grad: str, matmul: str = 'xla'):
     """jit(fn) traced with DETECTAX_CONV_KERNEL_GRAD and DETECTAX_MATMUL set (read at trace time)."""
-    return timing.jit_with_env(fn, 'DETECTAX_CONV_KERNEL_GRAD', kernel_grad,
-                               DETECTAX_MATMUL=matmul)
+    return timing.jit_with_env(fn, DETECTAX_CONV_KERNEL_GRAD=kernel_grad, DETECTAX_MATMUL=matmul)
 
 
 def main(argv):

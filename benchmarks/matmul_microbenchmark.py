@@ -30,7 +30,7 @@ def define_flags() -> None:
 
 def _jit_in_mode(fn, mode: str):
     """jit(fn) traced with DETECTAX_MATMUL=mode (the choice is made at trace time)."""
-    return timing.jit_with_env(fn, 'DETECTAX_MATMUL', mode)
+    return timing.jit_with_env(fn, DETECTAX_MATMUL=mode)
 
 
 def main(argv):

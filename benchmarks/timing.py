@@ -18,13 +18,11 @@ def median_seconds(fn, *args, reps: int) -> float:
     return statistics.median(times)
 
 
-def jit_with_env(fn, name: str, value: str, **more: str):
-    """jit(fn) traced with the environment variable `name` set to `value` (and any
-    `more` NAME=value pairs), restored after.
+def jit_with_env(fn, **env: str):
+    """jit(fn) traced with the environment variables `env` (NAME=value) set, restored after.
 
     For the lowering switches of modeling/layers.py, which are read when a function is traced.
     """
-    env = {name: value, **more}
     jitted = jax.jit(lambda *args: fn(*args))   # a fresh function: jit caches traces by it
 
     def run(*args):
