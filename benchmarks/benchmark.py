@@ -28,6 +28,7 @@ import functools
 import json
 import os
 import platform
+import resource
 import shlex
 import statistics
 import subprocess
@@ -41,7 +42,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from benchmarks.memory import peak_rss_mb
-from projects.maskrcnn import optim, trainer
+from projects.maskrcnn import host_memory, optim, trainer
 from projects.maskrcnn.model import MaskRCNNModel
 
 # Flag holders, set by define_flags() when run as a command (importing the module
@@ -141,6 +142,11 @@ def _compile(fn, *args) -> tuple[object, float]:
     return compiled, time.perf_counter() - start
 
 
+def minor_page_faults() -> int:
+    """This process's minor page faults so far (pages the kernel mapped and zeroed)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def _device_peak_bytes() -> int | None:
     stats = jax.devices()[0].memory_stats()
     return None if not stats else stats.get('peak_bytes_in_use')
@@ -176,14 +182,16 @@ def time_inference(model, state, batch, steps: int, warmup: int) -> dict:
     for _ in range(warmup):
         jax.block_until_ready(compiled(state, images))
     times = []
+    faults = minor_page_faults()
     for _ in range(steps):
         start = time.perf_counter()
         jax.block_until_ready(compiled(state, images))
         times.append(time.perf_counter() - start)
+    faults = (minor_page_faults() - faults) / steps
     median = statistics.median(times)
     n = batch['image'].shape[0]
     return {'compile_s': compile_s, 'latency_s': median, 'images_per_s': n / median,
-            'flops': _flops(compiled), 'times_s': times}
+            'flops': _flops(compiled), 'times_s': times, 'page_faults_per_step': faults}
 
 
 def time_train(model, tx, state, batch, steps: int, warmup: int) -> dict:
@@ -191,16 +199,20 @@ def time_train(model, tx, state, batch, steps: int, warmup: int) -> dict:
     compiled, compile_s = _compile(fn, state, batch)
     times = []
     for i in range(warmup + steps):
+        if i == warmup:
+            faults = minor_page_faults()
         start = time.perf_counter()
         state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
         if i >= warmup:
             times.append(time.perf_counter() - start)
+    faults = (minor_page_faults() - faults) / steps
     loss = float(metrics['total_loss'])
     median = statistics.median(times)
     n = batch['image'].shape[0]
     return {'compile_s': compile_s, 'step_s': median, 'images_per_s': n / median,
-            'flops': _flops(compiled), 'total_loss': loss, 'times_s': times}
+            'flops': _flops(compiled), 'total_loss': loss, 'times_s': times,
+            'page_faults_per_step': faults}
 
 
 def torchvision_autocast(config, requested: str | None) -> str:
@@ -225,6 +237,9 @@ def run_torchvision(python: str, config, height: int, width: int, batch: int, mo
            f'--threads={threads or os.cpu_count()}', f'--autocast={autocast}',
            f"--device={'cuda' if jax.default_backend() == 'gpu' else 'cpu'}"]
     env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'VIRTUAL_ENV')}
+    # The child's allocator keeps freed memory as this process's does (host_memory.py).
+    if tunables := host_memory.glibc_tunables():
+        env['GLIBC_TUNABLES'] = ':'.join(filter(None, [env.get('GLIBC_TUNABLES'), tunables]))
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=_REPO, check=False)
     if out.returncode:
         raise RuntimeError(f'torchvision child failed ({out.returncode}):\n{out.stderr[-3000:]}')
@@ -281,6 +296,8 @@ def table_rows(dx: dict, tv: dict | None, peak_flops: float) -> list[tuple[str, 
         achieved = flops and flops / d[time_key]
         frac = achieved and f'{_fmt(achieved / 1e9)} ({100 * achieved / peak_flops:.0f}% of peak)'
         rows.append((f'{section} achieved GFLOP/s', _fmt(frac), '-', ''))
+        rows.append((f'{section} host page faults per step', _fmt(d.get('page_faults_per_step')),
+                     _fmt(tv.get(section, {}).get('page_faults_per_step')), ''))
     rows.append(('peak host RSS (MB)', _fmt(dx['peak_rss_mb'], 4),
                  _fmt(tv.get('peak_rss_mb'), 4), ''))
     dev = dx.get('device_peak_bytes')
@@ -297,7 +314,7 @@ def render(rows, header: str) -> str:
     return '\n'.join(lines) + '\n'
 
 
-def main(argv):
+def main(argv, host_memory_note: str = ''):
     del argv
     config = _CONFIG.value
     if config is None:
@@ -346,7 +363,8 @@ def main(argv):
         '',
         f'{datetime.date.today().isoformat()}; {machine_description()}; {tv_versions}. '
         f'Median of {_STEPS.value} steps after {_WARMUP.value} warm-up; peak '
-        f'{peak / 1e9:.0f} GFLOP/s ({peak_note}). Detectax per-step times (s): '
+        f'{peak / 1e9:.0f} GFLOP/s ({peak_note}); host memory: {host_memory_note}. '
+        'Detectax per-step times (s): '
         + '; '.join(f"{k} {', '.join(f'{t:.3g}' for t in dx[k]['times_s'])}"
                     for k in ('inference', 'train') if k in dx)
         + ('; torchvision: ' + '; '.join(
@@ -361,5 +379,7 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    # Before JAX starts its backend (host_memory.py); the torchvision child gets the same.
+    _note = host_memory.keep_freed_memory()
     define_flags()
-    app.run(main)
+    app.run(functools.partial(main, host_memory_note=_note))

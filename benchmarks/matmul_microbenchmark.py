@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import timing
+from projects.maskrcnn import host_memory
 from projects.maskrcnn.modeling import layers
 
 
@@ -70,5 +71,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    host_memory.keep_freed_memory()  # as benchmark.py and main.py do
     define_flags()
     app.run(main)

@@ -23,6 +23,7 @@ from absl import app, flags
 import jax
 
 from benchmarks import benchmark
+from projects.maskrcnn import host_memory
 
 # Flag holders, set by define_flags(): benchmark.py's --config, --height, --width,
 # --batch, --mode and --steps, and this command's own.
@@ -128,5 +129,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    host_memory.keep_freed_memory()  # as benchmark.py and main.py do
     define_flags()
     app.run(main)

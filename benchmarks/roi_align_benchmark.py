@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import timing
+from projects.maskrcnn import host_memory
 from projects.maskrcnn.ops import roi_align
 
 STRIDES = (4, 8, 16, 32)
@@ -84,5 +85,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
+    host_memory.keep_freed_memory()  # as benchmark.py and main.py do
     define_flags()
     app.run(main)

@@ -10,7 +10,10 @@ torch and torchvision:
 With `--autocast=bfloat16` (or float16) the forward passes run under
 `torch.autocast`, torchvision's mixed precision, which benchmarks/benchmark.py
 asks for when the Detectax config computes in that dtype; `--device=cuda`
-runs on the GPU (and synchronises before reading the clock).
+runs on the GPU (and synchronises before reading the clock). benchmark.py starts
+it with GLIBC_TUNABLES set so that its allocator keeps freed memory as the Detectax
+process's does (projects/maskrcnn/host_memory.py); each side reports its minor page
+faults per step.
 
 The detector does the same work as Detectax's torchvision-convention config:
 frozen batch norm, stem and res2 frozen (torchvision's `trainable_backbone_layers=3`,
@@ -24,6 +27,7 @@ import argparse
 import contextlib
 import json
 import os
+import resource
 import statistics
 import time
 
@@ -65,18 +69,24 @@ def synthetic_targets(args, generator: torch.Generator) -> list[dict]:
     return targets
 
 
-def _timed(fn, warmup: int, steps: int, device: torch.device) -> list[float]:
+def _minor_page_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _timed(fn, warmup: int, steps: int, device: torch.device) -> tuple[list[float], float]:
+    """Step times (s) and minor page faults per step."""
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     for _ in range(warmup):
         fn()
     sync()
     times = []
+    faults = _minor_page_faults()
     for _ in range(steps):
         start = time.perf_counter()
         fn()
         sync()
         times.append(time.perf_counter() - start)
-    return times
+    return times, (_minor_page_faults() - faults) / steps
 
 
 def precision(args, device: torch.device):
@@ -93,9 +103,10 @@ def run_inference(args, model, images, device) -> dict:
         with torch.no_grad(), precision(args, device):
             out = model(images)
         assert out[0]['masks'].shape[0] == 100, out[0]['masks'].shape
-    times = _timed(step, args.warmup, args.steps, device)
+    times, faults = _timed(step, args.warmup, args.steps, device)
     median = statistics.median(times)
-    return {'latency_s': median, 'images_per_s': args.batch / median, 'times_s': times}
+    return {'latency_s': median, 'images_per_s': args.batch / median, 'times_s': times,
+            'page_faults_per_step': faults}
 
 
 def run_train(args, model, images, targets, device) -> dict:
@@ -110,9 +121,10 @@ def run_train(args, model, images, targets, device) -> dict:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    times = _timed(step, args.warmup, args.steps, device)
+    times, faults = _timed(step, args.warmup, args.steps, device)
     median = statistics.median(times)
-    return {'step_s': median, 'images_per_s': args.batch / median, 'times_s': times}
+    return {'step_s': median, 'images_per_s': args.batch / median, 'times_s': times,
+            'page_faults_per_step': faults}
 
 
 def main():

@@ -47,6 +47,10 @@ def test_command_on_tiny_config_reports_positive_consistent_figures(tmp_path):
     np.testing.assert_allclose(latency * per_s, 2.0, rtol=0.01)
     assert rows['inference latency (s/batch)'][1] == '-'   # torchvision not run
     assert 'training step (s)' not in rows
+    # The allocator keeps freed memory (host_memory.py): the header says so, and the
+    # table counts each side's page faults per step.
+    assert 'host memory: freed memory kept' in text or 'not glibc' in text
+    assert float(rows['inference host page faults per step'][0]) >= 0
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result['torchvision'] is None and result['peak_flops'] == 1e11
     assert len(result['detectax']['inference']['times_s']) == 2
@@ -57,7 +61,7 @@ def test_speed_up_column_divides_the_right_way():
     dx = {'inference': {'latency_s': 1.0, 'images_per_s': 1.0, 'compile_s': 5.0, 'flops': 2e9},
           'train': {'step_s': 4.0, 'images_per_s': 0.5, 'compile_s': 9.0, 'flops': None},
           'peak_rss_mb': 100.0, 'device_peak_bytes': None}
-    tv = {'inference': {'latency_s': 3.0, 'images_per_s': 1 / 3},
+    tv = {'inference': {'latency_s': 3.0, 'images_per_s': 1 / 3, 'page_faults_per_step': 7.0},
           'train': {'step_s': 2.0, 'images_per_s': 1.0}, 'peak_rss_mb': 50.0}
     rows = {r[0]: r[1:] for r in benchmark.table_rows(dx, tv, peak_flops=4e9)}
     assert rows['inference latency (s/batch)'] == ('1', '3', '3x')
@@ -67,6 +71,7 @@ def test_speed_up_column_divides_the_right_way():
     assert rows['inference achieved GFLOP/s'][0] == '2 (50% of peak)'
     assert rows['train GFLOP per step (XLA)'][0] == '-'
     assert rows['peak device memory (MB)'][0] == '-'
+    assert rows['inference host page faults per step'] == ('-', '7', '')
 
 
 def test_padding_and_synthetic_batch():

@@ -18,7 +18,7 @@ from clu import metric_writers
 import jax
 import ml_collections
 
-from projects.maskrcnn import trainer
+from projects.maskrcnn import host_memory, trainer
 from projects.maskrcnn.data import dataset as dataset_lib
 from projects.maskrcnn.model import MaskRCNNModel
 from projects.maskrcnn.scenic_compat import SCENIC_AVAILABLE, runtime_name
@@ -28,6 +28,10 @@ if SCENIC_AVAILABLE:
     from scenic.train_lib import train_utils  # pylint: disable=g-import-not-at-top
 else:
     from projects.maskrcnn import runtime as app  # pylint: disable=g-import-not-at-top
+
+
+# What host_memory.keep_freed_memory() did when this file is run as the program.
+_HOST_MEMORY = 'allocator defaults (main.py imported, not run)'
 
 
 def get_dataset(config: ml_collections.ConfigDict, data_rng: jax.Array):
@@ -51,7 +55,7 @@ def initialize_distributed() -> None:
 
 def main(rng: jax.Array, config: ml_collections.ConfigDict, workdir: str,
          writer: metric_writers.MetricWriter) -> None:
-    logging.info('Detectax runtime: %s', runtime_name())
+    logging.info('Detectax runtime: %s; host memory: %s', runtime_name(), _HOST_MEMORY)
     data_rng, rng = jax.random.split(rng)
     dataset = get_dataset(config, data_rng)
     trainer.train_and_evaluate(rng=rng, config=config, model_cls=MaskRCNNModel,
@@ -59,5 +63,7 @@ def main(rng: jax.Array, config: ml_collections.ConfigDict, workdir: str,
 
 
 if __name__ == '__main__':
+    # Before JAX starts its backend: keeps the step's freed host buffers (host_memory.py).
+    _HOST_MEMORY = host_memory.keep_freed_memory()
     initialize_distributed()
     app.run(main=main)
