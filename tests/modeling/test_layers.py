@@ -136,7 +136,7 @@ def _f32(x):
     return np.asarray(x.astype(jnp.float32))
 
 
-@pytest.mark.parametrize('x_shape', [(6, 40), (2, 3, 5, 40)])
+@pytest.mark.parametrize('x_shape', [(6, 40), (7, 40), (2, 3, 5, 40)])
 def test_bfloat16_matmul_accumulates_in_float32_both_ways(monkeypatch, x_shape):
     # With the dot lowering the product and both gradients are float32 sums of the
     # bfloat16 values, rounded once: within bfloat16 rounding (2^-8) of the float32
@@ -156,6 +156,30 @@ def test_bfloat16_matmul_accumulates_in_float32_both_ways(monkeypatch, x_shape):
     monkeypatch.setenv('DETECTAX_MATMUL', 'xla')
     # (A new lambda per trace: the choice is made when the function is traced.)
     assert 'custom_vjp' not in str(jax.make_jaxpr(lambda a, b: layers.matmul(a, b))(x, w))
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='XLA:CPU lowering')
+@pytest.mark.parametrize('kernel', [1, 3])
+def test_bfloat16_weight_gradient_dots_are_row_major(monkeypatch, kernel):
+    # XLA folds a plain transpose into the weight gradient's dot as a contraction over
+    # dimension 0, which XLA:CPU runs upcast to float32. The row-major copy of x^T
+    # (or dy^T) keeps every dot of the compiled gradient in [M, K] @ [K, N] form.
+    x, w = _bf16((2, 8, 8, 32), 10), _bf16((kernel, kernel, 32, 24), 11)
+    pad = kernel // 2
+    conv = lambda a, b: layers.conv_general_dilated(  # noqa: E731
+        a, b, (1, 1), ((pad, pad), (pad, pad)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+    def compiled_grad():
+        grad = jax.grad(lambda a, b: jnp.sum(conv(a, b).astype(jnp.float32) ** 2), argnums=1)
+        hlo = jax.jit(grad).lower(x, w).compile().as_text()
+        return [line for line in hlo.splitlines() if ' dot(' in line]
+
+    monkeypatch.setenv('DETECTAX_MATMUL', 'dots')
+    dots = compiled_grad()
+    assert dots and not [d for d in dots if 'lhs_contracting_dims={0}' in d], dots
+    # The check can fail: the folded form is what a plain transpose gives.
+    monkeypatch.setattr(layers, '_row_major_transpose', lambda a: a.T)
+    assert [d for d in compiled_grad() if 'lhs_contracting_dims={0}' in d]
 
 
 def test_float32_lowering_dots_for_1x1_only(monkeypatch):

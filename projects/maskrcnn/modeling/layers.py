@@ -117,11 +117,20 @@ def _conv_tap_grad_bwd(strides, padding, precision, tap_dots, residuals, dy):
     # d kernel[a, b] = sum over n, i, j of x_pad[n, s*i + a, s*j + b]^T dy[n, i, j]:
     # one [C, N*H*W] @ [N*H*W, F] matmul per tap.
     dy2 = dy.reshape(-1, dy.shape[-1])
-    taps = _kernel_taps(x, kernel.shape[:2], strides, padding, dy.shape[1:3])
-    grads = [lax.dot_general(t.reshape(-1, x.shape[-1]), dy2, (((0,), (0,)), ((), ())),
-                             precision=precision, preferred_element_type=jnp.float32)
-             for t in taps]
-    dkernel = jnp.stack(grads).reshape(kernel.shape).astype(kernel.dtype)
+    taps = [t.reshape(-1, x.shape[-1])
+            for t in _kernel_taps(x, kernel.shape[:2], strides, padding, dy.shape[1:3])]
+    if tap_dots:
+        # 16-bit: dy^T once, as a row-major copy, then [F, NHW] @ [NHW, C] per tap,
+        # which runs on the matrix units (see _row_major_transpose).
+        dy_t = _row_major_transpose(dy2.astype(x.dtype))
+        grads = jnp.stack([lax.dot_general(dy_t, t, (((1,), (0,)), ((), ())),
+                                           preferred_element_type=jnp.float32)
+                           for t in taps]).transpose(0, 2, 1)
+    else:
+        grads = jnp.stack([lax.dot_general(t, dy2, (((0,), (0,)), ((), ())), precision=precision,
+                                           preferred_element_type=jnp.float32)
+                           for t in taps])
+    dkernel = grads.reshape(kernel.shape).astype(kernel.dtype)
     return dx, dkernel
 
 
@@ -155,6 +164,22 @@ def _contract_last(x, w, precision=None, preferred_element_type=None):
                            preferred_element_type=preferred_element_type)
 
 
+def _row_major_transpose(x):
+    """x [M, K] -> x^T [K, M], as a copy in row-major layout.
+
+    XLA folds a plain transpose into the dot that consumes it, as a contraction
+    over the rows, and XLA:CPU's YNNPACK dot takes only row-major operands, so a
+    16-bit weight gradient ran upcast to float32 (an optimization barrier did not
+    stop the folding). Transposed through a split of the rows the transpose stays
+    a copy, and the dot is a row-major [K, M] @ [M, N] product on the matrix units:
+    2.2-3.7x faster for bfloat16 weight gradients of 256-12544 channels
+    (benchmarks/conv_grad_microbenchmark.py --dtype=bfloat16, matmul_microbenchmark).
+    """
+    m, k = x.shape
+    split = 2 if m % 2 == 0 else 1
+    return x.reshape(split, m // split, k).transpose(2, 0, 1).reshape(k, m)
+
+
 @jax.custom_vjp
 def _wide_accumulation_matmul(x, w):
     return _contract_last(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
@@ -169,8 +194,10 @@ def _wide_accumulation_matmul_bwd(residuals, dy):
     dy = dy.astype(x.dtype)
     dx = lax.dot_general(dy, w, (((dy.ndim - 1,), (1,)), ((), ())),
                          preferred_element_type=jnp.float32).astype(x.dtype)
-    rows = tuple(range(x.ndim - 1))
-    dw = lax.dot_general(x, dy, ((rows, rows), ((), ())),
+    # dw = x^T dy, with x^T copied out row-major so that the dot is one the
+    # matrix units take (see _row_major_transpose).
+    x_t = _row_major_transpose(x.reshape(-1, x.shape[-1]))
+    dw = lax.dot_general(x_t, dy.reshape(-1, dy.shape[-1]), (((1,), (0,)), ((), ())),
                          preferred_element_type=jnp.float32).astype(w.dtype)
     return dx, dw
 
@@ -183,11 +210,9 @@ def matmul(x, w, precision=None):
 
     XLA:CPU runs a bfloat16 matmul whose result is bfloat16 at about the float32
     rate, but one with a float32 result on the CPU's bfloat16 matrix units
-    (AMX) at 3-6x that (benchmarks/matmul_microbenchmark.py). XLA still upcasts
-    the weight gradient, a contraction over the rows, to float32: it folds the
-    transpose that contraction needs into the dot, and its YNNPACK dot takes
-    only row-major operands (an explicit transpose, even behind an
-    optimization barrier, was folded or given a column-major layout). With 16-bit
+    (AMX) at 3-6x that (benchmarks/matmul_microbenchmark.py). The weight
+    gradient, a contraction over the rows, is computed from a row-major copy of
+    x^T (`_row_major_transpose`), since XLA upcasts the folded form. With 16-bit
     operands and the dot lowering on (DETECTAX_MATMUL=auto on the CPU backend,
     or =dots), the product and both of its gradients accumulate in float32 and
     round once to the operands' dtype, as a GPU's tensor cores do. Otherwise it
