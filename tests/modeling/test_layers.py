@@ -80,7 +80,32 @@ def test_conv_uses_symmetric_padding(stride):
     expected = np.array([[4, 6, 6, 6, 4], [6, 9, 9, 9, 6], [6, 9, 9, 9, 6],
                          [6, 9, 9, 9, 6], [4, 6, 6, 6, 4]], np.float32)[::stride, ::stride]
     np.testing.assert_array_equal(out[0, ..., 0], expected)
-    assert isinstance(module, nn.Conv)
+    assert isinstance(module, layers.Conv)
+
+
+@pytest.mark.parametrize('mode', ['dots', 'xla'])
+def test_conv_module_is_flax_conv_with_a_matmul_bias_gradient(monkeypatch, mode):
+    # The project's Conv has nn.Conv's parameters and arithmetic (checkpoints carry
+    # over); its bias gradient, a float32 matmul with a ones row, is the plain sum.
+    monkeypatch.setenv('DETECTAX_MATMUL', mode)
+    module = layers.conv(8, 3, 2, use_bias=True)
+    flax_conv = nn.Conv(8, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), use_bias=True)
+    x = jax.random.normal(jax.random.PRNGKey(12), (2, 7, 9, 16))
+    params = module.init(jax.random.PRNGKey(0), x)
+    assert (jax.tree.map(jnp.shape, params)
+            == jax.tree.map(jnp.shape, flax_conv.init(jax.random.PRNGKey(0), x)))
+    params = jax.tree.map(lambda p: p + 0.1, params)   # a non-zero bias
+    weights = jax.random.normal(jax.random.PRNGKey(13), (2, 4, 5, 8))
+    grads = [jax.jit(jax.grad(lambda p, m=m: jnp.sum(m.apply(p, x) * weights)))(params)
+             for m in (module, flax_conv)]
+    np.testing.assert_allclose(module.apply(params, x), flax_conv.apply(params, x),
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(grads[0]['params']['kernel'], grads[1]['params']['kernel'],
+                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(grads[0]['params']['bias'], weights.sum((0, 1, 2)), rtol=1e-5)
+    # Leading batch dimensions are flattened and restored.
+    stacked = module.apply(params, jnp.stack([x, 2 * x]))
+    np.testing.assert_allclose(stacked[1], module.apply(params, 2 * x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('shape,features,kernel,stride', [
@@ -233,9 +258,12 @@ def test_bfloat16_1x1_conv_as_matmul_equals_the_convolution(monkeypatch, stride)
     scale = np.abs(_f32(outs['xla'])).max()
     np.testing.assert_allclose(_f32(outs['dots']), _f32(outs['xla']), atol=2 ** -7 * scale)
     (p_dots, x_dots), (p_xla, x_xla) = grads['dots'], grads['xla']
-    for got, want in ((p_dots['params']['kernel'], p_xla['params']['kernel']),
-                      (p_dots['params']['bias'], p_xla['params']['bias']), (x_dots, x_xla)):
+    for got, want in ((p_dots['params']['kernel'], p_xla['params']['kernel']), (x_dots, x_xla)):
         np.testing.assert_allclose(_f32(got), _f32(want), atol=2 ** -7 * np.abs(_f32(want)).max())
+    # d loss / d bias[o] = o * (output pixels), summed in float32 by add_bias: exact
+    # (XLA's bfloat16 sum of the same values is off by up to 8% here).
+    pixels = np.prod(outs['dots'].shape[:-1])
+    np.testing.assert_array_equal(p_dots['params']['bias'], np.arange(24) * pixels)
     monkeypatch.setenv('DETECTAX_MATMUL', 'dots')
     assert 'conv_general_dilated' not in str(
         jax.make_jaxpr(lambda p, v: module.apply(p, v))(params, x))
