@@ -28,7 +28,6 @@ import functools
 import json
 import os
 import platform
-import resource
 import shlex
 import statistics
 import subprocess
@@ -41,7 +40,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from benchmarks.memory import peak_rss_mb
+from benchmarks.memory import minor_page_faults, peak_rss_mb
 from projects.maskrcnn import host_memory, optim, trainer
 from projects.maskrcnn.model import MaskRCNNModel
 
@@ -140,11 +139,6 @@ def _compile(fn, *args) -> tuple[object, float]:
     start = time.perf_counter()
     compiled = fn.lower(*args).compile()
     return compiled, time.perf_counter() - start
-
-
-def minor_page_faults() -> int:
-    """This process's minor page faults so far (pages the kernel mapped and zeroed)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _device_peak_bytes() -> int | None:

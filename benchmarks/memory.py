@@ -1,4 +1,4 @@
-"""Peak host memory of the current process, with the standard library only (both the
+"""Peak host memory and page faults of the current process, with the standard library only (both the
 JAX benchmark and its torchvision child, which runs in another venv, import it)."""
 
 import resource
@@ -16,3 +16,8 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def minor_page_faults() -> int:
+    """This process's minor page faults so far (pages the kernel mapped and zeroed)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

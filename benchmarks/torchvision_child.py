@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import statistics
 import time
 
@@ -37,7 +36,7 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops import misc as misc_ops
 
-from benchmarks.memory import peak_rss_mb
+from benchmarks.memory import minor_page_faults, peak_rss_mb
 
 
 def build_detector(args) -> torch.nn.Module:
@@ -69,10 +68,6 @@ def synthetic_targets(args, generator: torch.Generator) -> list[dict]:
     return targets
 
 
-def _minor_page_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
 def _timed(fn, warmup: int, steps: int, device: torch.device) -> tuple[list[float], float]:
     """Step times (s) and minor page faults per step."""
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
@@ -80,13 +75,13 @@ def _timed(fn, warmup: int, steps: int, device: torch.device) -> tuple[list[floa
         fn()
     sync()
     times = []
-    faults = _minor_page_faults()
+    faults = minor_page_faults()
     for _ in range(steps):
         start = time.perf_counter()
         fn()
         sync()
         times.append(time.perf_counter() - start)
-    return times, (_minor_page_faults() - faults) / steps
+    return times, (minor_page_faults() - faults) / steps
 
 
 def precision(args, device: torch.device):

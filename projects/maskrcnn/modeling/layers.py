@@ -286,14 +286,19 @@ def _bias_add(y, bias):
     return y + bias.astype(y.dtype)
 
 
-@jax.custom_vjp
 def add_bias(y, bias):
-    """y + bias over the last axis, whose bias gradient is a float32 matmul with a ones row.
+    """y + bias over the last axis; with the dot lowering (`_use_dots`), the bias
+    gradient is a float32 matmul with a ones row.
 
     XLA:CPU rewrote the bias gradient, a sum over every row of a feature map, into
     a reduce-window loop that took about 60 ms for a 2x128x128x256 map inside the
     training step (the same sum alone takes 2 ms); [1, M] @ [M, C] runs as a dot.
     """
+    return _dot_grad_bias_add(y, bias) if _use_dots() else _bias_add(y, bias)
+
+
+@jax.custom_vjp
+def _dot_grad_bias_add(y, bias):
     return _bias_add(y, bias)
 
 
@@ -309,7 +314,7 @@ def _add_bias_bwd(bias, dy):
     return dy, dbias.astype(bias.dtype)
 
 
-add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+_dot_grad_bias_add.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
 class Conv(nn.Module):
@@ -338,7 +343,7 @@ class Conv(nn.Module):
         y = conv_general_dilated(x, kernel.astype(self.dtype), self.strides, self.padding,
                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
         if bias is not None:
-            y = add_bias(y, bias) if _use_dots() else _bias_add(y, bias)
+            y = add_bias(y, bias)
         return y.reshape(*lead, *y.shape[1:])
 
 
@@ -386,4 +391,4 @@ class Upsample2xConv(nn.Module):
             y = jnp.einsum('nhwc,abco->nhawbo', x, kernel)
         n, h, _, w, _, o = y.shape
         y = y.reshape(n, 2 * h, 2 * w, o)
-        return add_bias(y, bias) if _use_dots() else _bias_add(y, bias)
+        return add_bias(y, bias)
