@@ -90,6 +90,30 @@ def test_match_no_valid_ground_truth_gives_all_negative():
     np.testing.assert_array_equal(labels, [NEG, NEG, NEG])
 
 
+def _numpy_match(iou, valid, thresholds, labels, low_quality):
+    iou = np.where(valid[:, None], iou, -1.0)
+    vals, idx = iou.max(0), iou.argmax(0)
+    out = np.asarray(labels)[np.searchsorted(thresholds, vals, side='right')]
+    if low_quality:
+        best = iou.max(1, keepdims=True)
+        out = np.where(((iou == best) & valid[:, None] & (best > 0)).any(0), POS, out)
+    return idx, np.where(valid.any(), out, NEG)
+
+
+@pytest.mark.parametrize('low_quality', [False, True])
+def test_match_agrees_with_argmax_on_many_ties(low_quality):
+    # IoUs on a coarse grid, so that most columns have tied maxima: the chain
+    # over ground-truth rows must pick the first, as argmax does.
+    rng = np.random.default_rng(0)
+    iou = (rng.integers(0, 5, (37, 500)) / 4).astype(np.float32)
+    valid = rng.random(37) < 0.6
+    idx, labels = match(jnp.asarray(iou), jnp.asarray(valid), (0.3, 0.7), RPN_LABELS,
+                        low_quality)
+    want_idx, want_labels = _numpy_match(iou, valid, (0.3, 0.7), RPN_LABELS, low_quality)
+    np.testing.assert_array_equal(idx, want_idx)
+    np.testing.assert_array_equal(labels, want_labels)
+
+
 def test_match_label_count_mismatch_raises():
     with pytest.raises(ValueError, match='need 3 labels'):
         matching.match(jnp.zeros((1, 2)), jnp.array([True]), (0.3, 0.7),
