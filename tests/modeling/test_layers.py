@@ -324,3 +324,24 @@ def test_bad_matmul_mode_is_named(monkeypatch):
     monkeypatch.setenv('DETECTAX_MATMUL', 'amx')
     with pytest.raises(ValueError, match="DETECTAX_MATMUL='amx'"):
         layers.matmul(jnp.ones((2, 3), jnp.bfloat16), jnp.ones((3, 4), jnp.bfloat16))
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('shape,window,strides,padding', [
+    ((2, 9, 12, 3), (3, 3), (2, 2), ((1, 1), (1, 1))),   # the ResNet stem's pool
+    ((1, 8, 7, 2), (2, 3), (1, 2), ((0, 1), (1, 0))),
+])
+def test_max_pool_equals_reduce_window_with_its_gradient(dtype, shape, window, strides,
+                                                         padding):
+    # Integer-valued inputs after a ReLU: many tied maxima (zeros), where the
+    # gradient must go to one element per window, not be split.
+    x = jnp.maximum(jax.random.randint(jax.random.PRNGKey(0), shape, -3, 3), 0).astype(dtype)
+    want = nn.max_pool(x, window, strides=strides, padding=padding)
+    got = jax.jit(layers.max_pool, static_argnums=(1, 2, 3))(x, window, strides, padding)
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(np.float32(got), np.float32(want))
+    dy = jax.random.normal(jax.random.PRNGKey(1), want.shape, dtype)
+    grad = lambda f: jax.jit(jax.grad(lambda v: (f(v) * dy).astype(jnp.float32).sum()))(x)
+    want_dx = grad(lambda v: nn.max_pool(v, window, strides=strides, padding=padding))
+    got_dx = grad(lambda v: layers.max_pool(v, window, strides, padding))
+    np.testing.assert_array_equal(np.float32(got_dx), np.float32(want_dx))

@@ -392,3 +392,42 @@ class Upsample2xConv(nn.Module):
         n, h, _, w, _, o = y.shape
         y = y.reshape(n, 2 * h, 2 * w, o)
         return add_bias(y, bias)
+
+
+def _reduce_window_max_pool(x, window, strides, padding):
+    return nn.max_pool(x, window, strides=strides, padding=padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def max_pool(x, window: tuple[int, int], strides: tuple[int, int],
+             padding: tuple[tuple[int, int], tuple[int, int]]):
+    """`nn.max_pool` over NHWC maps (explicit padding), as the maximum of its
+    window's strided slices.
+
+    XLA:CPU runs the reduce-window on one thread, one output at a time: 37 ms
+    for the ResNet stem's 3x3/2 pool of a 2x256x256x64 map in the bfloat16
+    training step (benchmarks/profile_step --by=op); the nine slices fuse into
+    the loop that consumes them (about 12 ms there). The gradient is the
+    reduce-window's (all of it to the first maximum of each window, as
+    PyTorch's max_pool2d), not the nine maxima's, which would split it among ties.
+    """
+    (ph, pw), (sh, sw), (kh, kw) = padding, strides, window
+    xp = jnp.pad(x, ((0, 0), tuple(ph), tuple(pw), (0, 0)), constant_values=-jnp.inf)
+    ho = (xp.shape[1] - kh) // sh + 1
+    wo = (xp.shape[2] - kw) // sw + 1
+    return functools.reduce(jnp.maximum, [
+        lax.slice(xp, (0, a, b, 0), (xp.shape[0], a + sh * (ho - 1) + 1,
+                                     b + sw * (wo - 1) + 1, xp.shape[3]), (1, sh, sw, 1))
+        for a in range(kh) for b in range(kw)])
+
+
+def _max_pool_fwd(x, window, strides, padding):
+    return max_pool(x, window, strides, padding), x
+
+
+def _max_pool_bwd(window, strides, padding, x, dy):
+    _, vjp = jax.vjp(lambda v: _reduce_window_max_pool(v, window, strides, padding), x)
+    return vjp(dy)
+
+
+max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from projects.maskrcnn.modeling.layers import conv, make_norm
+from projects.maskrcnn.modeling.layers import conv, make_norm, max_pool
 
 # Blocks per stage (res2..res5) and whether the block is a bottleneck.
 RESNET_SPECS = {
@@ -101,7 +101,7 @@ class ResNet(nn.Module):
         blocks, bottleneck = RESNET_SPECS[self.depth]
         x = conv(self.width, 7, 2, dtype=self.dtype, name='stem_conv')(x.astype(self.dtype))
         x = nn.relu(make_norm(self.norm, train, self.dtype, 'stem_norm', eps=self.norm_eps)(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
         if self.freeze_at >= 1:
             x = jax.lax.stop_gradient(x)
         outputs = {}
