@@ -161,3 +161,19 @@ def test_matmul_microbenchmark_times_the_three_arithmetics():
                                     'bfloat16, float32 sums (=dots)'], proc.stdout
     assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
     assert float(rows[0][3]) == 0.0 and 0 < float(rows[2][3]) < 2 ** -7
+
+
+def test_ab_train_step_forwards_the_step_flags_and_names_a_bad_tree(tmp_path):
+    from benchmarks import ab_train_step
+    argv = ['--a=/x', '--b=.', '--config=tests/tiny_shapes_config.py',
+            '--config.dtype=bfloat16', '--height=64', '--width', '--rounds=3',
+            '--steps_per_round=1', '--batch=2']
+    assert ab_train_step.step_flags(argv) == [
+        '--config=tests/tiny_shapes_config.py', '--config.dtype=bfloat16', '--height=64',
+        '--width', '--batch=2']
+    proc = subprocess.run(
+        [sys.executable, '-m', 'benchmarks.ab_train_step', f'--a={tmp_path}', '--b=.',
+         '--config=tests/tiny_shapes_config.py'],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode != 0
+    assert f'--a={tmp_path}: no projects/maskrcnn there' in proc.stderr + proc.stdout
