@@ -422,7 +422,8 @@ def max_pool(x, window: tuple[int, int], strides: tuple[int, int],
     training step (benchmarks/profile_step --by=op); the nine slices fuse into
     the loop that consumes them (about 12 ms there). The gradient is the
     reduce-window's (all of it to the first maximum of each window, as
-    PyTorch's max_pool2d), not the nine maxima's, which would split it among ties.
+    PyTorch's max_pool2d), not the nine maxima's, which would split it among ties;
+    it recomputes the pool (in the ResNet it runs only when the stem trains, freeze_at=0).
     """
     (ph, pw), (sh, sw), (kh, kw) = padding, strides, window
     xp = jnp.pad(x, ((0, 0), tuple(ph), tuple(pw), (0, 0)), constant_values=-jnp.inf)
