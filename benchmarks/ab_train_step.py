@@ -27,18 +27,26 @@ import time
 from absl import app, flags
 from ml_collections import config_flags
 
-_A = flags.DEFINE_string('a', None, 'Source tree A (a checkout or `git archive` of it).')
-_B = flags.DEFINE_string('b', None, 'Source tree B.')
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file, '
-                                          'relative to each tree.')
-_HEIGHT = flags.DEFINE_integer('height', 512, 'Image height (valid pixels).')
-_WIDTH = flags.DEFINE_integer('width', 512, 'Image width (valid pixels).')
-_BATCH = flags.DEFINE_integer('batch', 2, 'Images per step.')
-_INSTANCES = flags.DEFINE_integer('instances', 3, 'Ground-truth instances per image.')
-_NUM_CLASSES = flags.DEFINE_integer('num_classes', 80, 'Foreground classes.')
-_ROUNDS = flags.DEFINE_integer('rounds', 6, 'Turns each side gets.')
-_STEPS = flags.DEFINE_integer('steps_per_round', 2, 'Timed steps per turn.')
-_CHILD = flags.DEFINE_string('child', None, 'Internal: run as the child for this tree.')
+# Flag holders, set by define_flags() when this file runs as a command.
+_A = _B = _CONFIG = _HEIGHT = _WIDTH = _BATCH = _INSTANCES = _NUM_CLASSES = None
+_ROUNDS = _STEPS = _CHILD = None
+
+
+def define_flags() -> None:
+    global _A, _B, _CONFIG, _HEIGHT, _WIDTH, _BATCH, _INSTANCES, _NUM_CLASSES
+    global _ROUNDS, _STEPS, _CHILD
+    _A = flags.DEFINE_string('a', None, 'Source tree A (a checkout or `git archive` of it).')
+    _B = flags.DEFINE_string('b', None, 'Source tree B.')
+    _CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file, '
+                                              'relative to each tree.')
+    _HEIGHT = flags.DEFINE_integer('height', 512, 'Image height (valid pixels).')
+    _WIDTH = flags.DEFINE_integer('width', 512, 'Image width (valid pixels).')
+    _BATCH = flags.DEFINE_integer('batch', 2, 'Images per step.')
+    _INSTANCES = flags.DEFINE_integer('instances', 3, 'Ground-truth instances per image.')
+    _NUM_CLASSES = flags.DEFINE_integer('num_classes', 80, 'Foreground classes.')
+    _ROUNDS = flags.DEFINE_integer('rounds', 6, 'Turns each side gets.')
+    _STEPS = flags.DEFINE_integer('steps_per_round', 2, 'Timed steps per turn.')
+    _CHILD = flags.DEFINE_string('child', None, 'Internal: run as the child for this tree.')
 
 
 def _child(tree: str) -> None:
@@ -166,4 +174,5 @@ if __name__ == '__main__':
     for _arg in sys.argv[1:]:
         if _arg.startswith('--child='):
             sys.path.insert(0, _arg.split('=', 1)[1])
+    define_flags()
     app.run(main)
