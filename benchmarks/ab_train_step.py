@@ -22,6 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 from absl import app, flags
@@ -49,9 +50,9 @@ def define_flags() -> None:
     _CHILD = flags.DEFINE_string('child', None, 'Internal: run as the child for this tree.')
 
 
-def _child(tree: str) -> None:
-    """Compiles the tree's train step, then runs the steps the parent asks for."""
-    del tree  # on sys.path since start-up (see __main__)
+def _child() -> None:
+    """Compiles the train step of the tree that is first on sys.path (see __main__),
+    then runs the steps the parent asks for."""
     import functools  # pylint: disable=g-import-not-at-top
     import jax
     from benchmarks import benchmark
@@ -97,8 +98,7 @@ class _Side:
         self.name, self.tree = name, os.path.abspath(tree)
         if not os.path.isdir(os.path.join(self.tree, 'projects', 'maskrcnn')):
             raise app.UsageError(f'--{name.lower()}={tree}: no projects/maskrcnn there')
-        self.log = open(os.path.join(os.environ.get('TMPDIR', '/tmp'),
-                                     f'ab_train_step_{name}_{os.getpid()}.log'), 'w')
+        self.log = tempfile.TemporaryFile('w+')   # the child's stderr, for its errors
         self.proc = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), f'--child={self.tree}', *forwarded],
             cwd=self.tree, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -108,9 +108,8 @@ class _Side:
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            self.log.flush()
-            with open(self.log.name) as f:
-                tail = f.read()[-3000:]
+            self.log.seek(0)
+            tail = self.log.read()[-3000:]
             raise RuntimeError(f'side {self.name} ({self.tree}) exited '
                                f'({self.proc.wait()}):\n{tail}')
         return json.loads(line)
@@ -138,7 +137,7 @@ class _Side:
 def main(argv) -> None:
     del argv
     if _CHILD.value:
-        _child(_CHILD.value)
+        _child()
         return
     if not (_A.value and _B.value and _CONFIG.value is not None):
         raise app.UsageError('--a, --b and --config are required')
