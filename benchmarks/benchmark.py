@@ -18,8 +18,10 @@ torchvision (a child process run with `--torchvision_python`, see
 torchvision_child.py): maskrcnn_resnet50_fpn with the same image size, batch,
 proposal counts and RoI batch, 100 detections and no score threshold.
 
-Both sides run one after the other in the same invocation, so they see the
-same machine load; the table gives the ratio torchvision time / Detectax time
+The two sides take turns: after each Detectax step (warm-up steps included) the
+child runs one torchvision step of the same kind (benchmarks/turns.py), so both
+medians come from the same stretch of a shared machine's load; each side times
+only its own steps. The table gives the ratio torchvision time / Detectax time
 (above 1: Detectax faster).
 """
 
@@ -30,7 +32,6 @@ import os
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 
@@ -40,6 +41,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from benchmarks import turns
 from benchmarks.memory import minor_page_faults, peak_rss_mb
 from projects.maskrcnn import host_memory, optim, trainer
 from projects.maskrcnn.model import MaskRCNNModel
@@ -169,44 +171,48 @@ def build_state(config, meta):
     return model, tx, state
 
 
-def time_inference(model, state, batch, steps: int, warmup: int) -> dict:
+def time_inference(model, state, batch, steps: int, warmup: int, turn=None) -> dict:
+    """Inference latency; `turn(timed)`, if given, runs after each step (the other side's)."""
     images = {k: batch[k] for k in ('image', 'image_size')}
     fn = jax.jit(functools.partial(trainer.eval_step, model=model))
     compiled, compile_s = _compile(fn, state, images)
-    for _ in range(warmup):
-        jax.block_until_ready(compiled(state, images))
-    times = []
-    faults = minor_page_faults()
-    for _ in range(steps):
+    times, faults = [], 0
+    for i in range(warmup + steps):
+        before = minor_page_faults()
         start = time.perf_counter()
         jax.block_until_ready(compiled(state, images))
-        times.append(time.perf_counter() - start)
-    faults = (minor_page_faults() - faults) / steps
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+            faults += minor_page_faults() - before
+        if turn:
+            turn(i >= warmup)
     median = statistics.median(times)
     n = batch['image'].shape[0]
     return {'compile_s': compile_s, 'latency_s': median, 'images_per_s': n / median,
-            'flops': _flops(compiled), 'times_s': times, 'page_faults_per_step': faults}
+            'flops': _flops(compiled), 'times_s': times, 'page_faults_per_step': faults / steps}
 
 
-def time_train(model, tx, state, batch, steps: int, warmup: int) -> dict:
+def time_train(model, tx, state, batch, steps: int, warmup: int, turn=None) -> dict:
+    """Training step time; `turn(timed)`, if given, runs after each step (the other side's)."""
     fn = jax.jit(functools.partial(trainer.train_step, model=model, tx=tx), donate_argnums=(0,))
     compiled, compile_s = _compile(fn, state, batch)
-    times = []
+    times, faults = [], 0
     for i in range(warmup + steps):
-        if i == warmup:
-            faults = minor_page_faults()
+        before = minor_page_faults()
         start = time.perf_counter()
         state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
         if i >= warmup:
             times.append(time.perf_counter() - start)
-    faults = (minor_page_faults() - faults) / steps
+            faults += minor_page_faults() - before
+        if turn:
+            turn(i >= warmup)
     loss = float(metrics['total_loss'])
     median = statistics.median(times)
     n = batch['image'].shape[0]
     return {'compile_s': compile_s, 'step_s': median, 'images_per_s': n / median,
             'flops': _flops(compiled), 'total_loss': loss, 'times_s': times,
-            'page_faults_per_step': faults}
+            'page_faults_per_step': faults / steps}
 
 
 def torchvision_autocast(config, requested: str | None) -> str:
@@ -217,27 +223,28 @@ def torchvision_autocast(config, requested: str | None) -> str:
     return dtype if dtype in ('bfloat16', 'float16') else 'none'
 
 
-def run_torchvision(python: str, config, height: int, width: int, batch: int, mode: str,
-                    steps: int, warmup: int, num_classes: int, instances: int,
-                    threads: int | None = None, autocast: str = 'none') -> dict:
+def torchvision_command(python: str, config, height: int, width: int, batch: int, mode: str,
+                        num_classes: int, instances: int, threads: int | None = None,
+                        autocast: str = 'none') -> list[str]:
+    """The torchvision child's command line, serving one step per request (turns.py)."""
     rpn, roi = config.model.rpn, config.model.roi_heads
-    cmd = [python, '-m', 'benchmarks.torchvision_child', f'--height={height}', f'--width={width}', f'--batch={batch}',
-           f'--mode={mode}', f'--steps={steps}', f'--warmup={warmup}',
-           f'--num_classes={num_classes}', f'--instances={instances}',
-           f'--pre_nms_train={rpn.pre_nms_topk_train}',
-           f'--post_nms_train={rpn.post_nms_topk_train}',
-           f'--pre_nms_test={rpn.pre_nms_topk_test}', f'--post_nms_test={rpn.post_nms_topk_test}',
-           f'--rois_per_image={roi.batch_size_per_image}',
-           f'--threads={threads or os.cpu_count()}', f'--autocast={autocast}',
-           f"--device={'cuda' if jax.default_backend() == 'gpu' else 'cpu'}"]
+    return [python, '-m', 'benchmarks.torchvision_child', '--serve', f'--height={height}',
+            f'--width={width}', f'--batch={batch}', f'--mode={mode}',
+            f'--num_classes={num_classes}', f'--instances={instances}',
+            f'--pre_nms_train={rpn.pre_nms_topk_train}',
+            f'--post_nms_train={rpn.post_nms_topk_train}',
+            f'--pre_nms_test={rpn.pre_nms_topk_test}', f'--post_nms_test={rpn.post_nms_topk_test}',
+            f'--rois_per_image={roi.batch_size_per_image}',
+            f'--threads={threads or os.cpu_count()}', f'--autocast={autocast}',
+            f"--device={'cuda' if jax.default_backend() == 'gpu' else 'cpu'}"]
+
+
+def torchvision_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'VIRTUAL_ENV')}
     # The child's allocator keeps freed memory as this process's does (host_memory.py).
     if tunables := host_memory.glibc_tunables():
         env['GLIBC_TUNABLES'] = ':'.join(filter(None, [env.get('GLIBC_TUNABLES'), tunables]))
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=_REPO, check=False)
-    if out.returncode:
-        raise RuntimeError(f'torchvision child failed ({out.returncode}):\n{out.stderr[-3000:]}')
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return env
 
 
 # ----------------------------------------------------------------------------
@@ -323,21 +330,35 @@ def main(argv, host_memory_note: str = ''):
     batch = synthetic_batch(config, _BATCH.value, height, width, padded, _INSTANCES.value,
                             _NUM_CLASSES.value)
     model, tx, state = build_state(config, meta)
-    dx = {}
     mode = _MODE.value
-    if mode in ('inference', 'both'):
-        dx['inference'] = time_inference(model, state, batch, _STEPS.value, _WARMUP.value)
-    if mode in ('train', 'both'):
-        dx['train'] = time_train(model, tx, state, batch, _STEPS.value, _WARMUP.value)
+    tv_client = None
+    if _TV_PYTHON.value:
+        tv_client = turns.Client(
+            torchvision_command(_TV_PYTHON.value, config, height, width, _BATCH.value, mode,
+                                _NUM_CLASSES.value, _INSTANCES.value, _TV_THREADS.value,
+                                torchvision_autocast(config, _TV_AUTOCAST.value)),
+            env=torchvision_env(), cwd=_REPO)
+
+    def turn(section):   # torchvision's step, run after each of Detectax's
+        return functools.partial(tv_client.step, section) if tv_client else None
+
+    dx, tv = {}, None
+    try:
+        if mode in ('inference', 'both'):
+            dx['inference'] = time_inference(model, state, batch, _STEPS.value, _WARMUP.value,
+                                             turn('inference'))
+        if mode in ('train', 'both'):
+            dx['train'] = time_train(model, tx, state, batch, _STEPS.value, _WARMUP.value,
+                                     turn('train'))
+        if tv_client:
+            tv = tv_client.finish()
+    finally:
+        if tv_client:
+            tv_client.close()
     dx['peak_rss_mb'] = peak_rss_mb()
     dx['device_peak_bytes'] = _device_peak_bytes()
     del state
 
-    tv = None
-    if _TV_PYTHON.value:
-        tv = run_torchvision(_TV_PYTHON.value, config, height, width, _BATCH.value, mode,
-                             _STEPS.value, _WARMUP.value, _NUM_CLASSES.value, _INSTANCES.value,
-                             _TV_THREADS.value, torchvision_autocast(config, _TV_AUTOCAST.value))
     peak = _PEAK_FLOPS.value
     peak_note = 'given by --peak_flops'
     if not peak:
@@ -356,7 +377,8 @@ def main(argv, host_memory_note: str = ''):
         f'`{command}`',
         '',
         f'{datetime.date.today().isoformat()}; {machine_description()}; {tv_versions}. '
-        f'Median of {_STEPS.value} steps after {_WARMUP.value} warm-up; peak '
+        f'Median of {_STEPS.value} steps after {_WARMUP.value} warm-up'
+        f'{", the two sides taking turns step by step" if tv else ""}; peak '
         f'{peak / 1e9:.0f} GFLOP/s ({peak_note}); host memory: {host_memory_note}. '
         'Detectax per-step times (s): '
         + '; '.join(f"{k} {', '.join(f'{t:.3g}' for t in dx[k]['times_s'])}"

@@ -10,8 +10,9 @@ torch and torchvision:
 With `--autocast=bfloat16` (or float16) the forward passes run under
 `torch.autocast`, torchvision's mixed precision, which benchmarks/benchmark.py
 asks for when the Detectax config computes in that dtype; `--device=cuda`
-runs on the GPU (and synchronises before reading the clock). benchmark.py starts
-it with GLIBC_TUNABLES set so that its allocator keeps freed memory as the Detectax
+runs on the GPU (and synchronises before reading the clock). benchmark.py runs
+it with `--serve`, which times one step per request between Detectax's own steps
+(benchmarks/turns.py) instead of `--warmup` and `--steps`, and starts it with GLIBC_TUNABLES set so that its allocator keeps freed memory as the Detectax
 process's does (projects/maskrcnn/host_memory.py); each side reports its minor page
 faults per step.
 
@@ -27,7 +28,6 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import time
 
 import torch
@@ -36,6 +36,7 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops import misc as misc_ops
 
+from benchmarks import turns
 from benchmarks.memory import minor_page_faults, peak_rss_mb
 
 
@@ -70,7 +71,7 @@ def synthetic_targets(args, generator: torch.Generator) -> list[dict]:
 
 def _timed(fn, warmup: int, steps: int, device: torch.device) -> tuple[list[float], float]:
     """Step times (s) and minor page faults per step."""
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    sync = _sync(device)
     for _ in range(warmup):
         fn()
     sync()
@@ -84,6 +85,10 @@ def _timed(fn, warmup: int, steps: int, device: torch.device) -> tuple[list[floa
     return times, (minor_page_faults() - faults) / steps
 
 
+def _sync(device: torch.device):
+    return torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+
+
 def precision(args, device: torch.device):
     """The forward pass's precision context: torch.autocast, or nothing for float32."""
     if args.autocast == 'none':
@@ -91,35 +96,31 @@ def precision(args, device: torch.device):
     return torch.autocast(device.type, dtype=getattr(torch, args.autocast))
 
 
-def run_inference(args, model, images, device) -> dict:
-    model.eval()
+def inference_step(args, model, images, device):
+    """One inference pass over the batch (100 detections per image)."""
 
     def step():
+        model.eval()
         with torch.no_grad(), precision(args, device):
             out = model(images)
         assert out[0]['masks'].shape[0] == 100, out[0]['masks'].shape
-    times, faults = _timed(step, args.warmup, args.steps, device)
-    median = statistics.median(times)
-    return {'latency_s': median, 'images_per_s': args.batch / median, 'times_s': times,
-            'page_faults_per_step': faults}
+    return step
 
 
-def run_train(args, model, images, targets, device) -> dict:
-    model.train()
+def train_step(args, model, images, targets, device):
+    """One SGD step on the batch (the losses' sum, momentum 0.9, weight decay 1e-4)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.02 * args.batch / 16, momentum=0.9, weight_decay=1e-4)
 
     def step():
+        model.train()
         with precision(args, device):
             losses = model(images, targets)
             loss = sum(losses.values())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    times, faults = _timed(step, args.warmup, args.steps, device)
-    median = statistics.median(times)
-    return {'step_s': median, 'images_per_s': args.batch / median, 'times_s': times,
-            'page_faults_per_step': faults}
+    return step
 
 
 def main():
@@ -141,6 +142,9 @@ def main():
     parser.add_argument('--autocast', choices=('none', 'bfloat16', 'float16'), default='none',
                         help='torch.autocast dtype of the forward pass (none: float32).')
     parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu')
+    parser.add_argument('--serve', action='store_true',
+                        help='Run one step per request on stdin (benchmarks/turns.py) '
+                             'instead of --warmup and --steps.')
     args = parser.parse_args()
     device = torch.device(args.device)
 
@@ -153,16 +157,27 @@ def main():
     result = {'torch': torch.__version__, 'torchvision': torchvision.__version__,
               'threads': torch.get_num_threads(), 'autocast': args.autocast,
               'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}
+    steps = {}
     if args.mode in ('inference', 'both'):
-        result['inference'] = run_inference(args, model, images, device)
+        steps['inference'] = inference_step(args, model, images, device)
     if args.mode in ('train', 'both'):
         targets = [{k: v.to(device) for k, v in t.items()}
                    for t in synthetic_targets(args, generator)]
-        result['train'] = run_train(args, model, images, targets, device)
-    if device.type == 'cuda':
-        result['device_peak_bytes'] = torch.cuda.max_memory_allocated(device)
-    result['peak_rss_mb'] = peak_rss_mb()
-    print(json.dumps(result))
+        steps['train'] = train_step(args, model, images, targets, device)
+
+    def summary() -> dict:
+        if device.type == 'cuda':
+            result['device_peak_bytes'] = torch.cuda.max_memory_allocated(device)
+        result['peak_rss_mb'] = peak_rss_mb()
+        return result
+
+    if args.serve:
+        turns.serve(steps, args.batch, summary, sync=_sync(device))
+        return
+    for mode, step in steps.items():
+        times, faults = _timed(step, args.warmup, args.steps, device)
+        result[mode] = turns.step_stats(mode, args.batch, times, faults)
+    print(json.dumps(summary()))
 
 
 if __name__ == '__main__':

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import benchmark
+from benchmarks import benchmark, turns
 from tests import tiny_shapes_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,11 +25,25 @@ def _table(text: str) -> dict[str, list[str]]:
     return rows
 
 
+# A stand-in for torchvision's interpreter: whatever the arguments, it serves
+# steps that sleep (the real serve loop of benchmarks/turns.py).
+_FAKE_TORCHVISION = """
+import time
+from benchmarks import turns
+turns.serve({'inference': lambda: time.sleep(0.02), 'train': lambda: time.sleep(0.02)},
+            batch=2, summary=lambda: {'torch': 'fake', 'torchvision': 'fake', 'device': 'cpu',
+                                      'threads': 1, 'autocast': 'none', 'peak_rss_mb': 1.0})
+"""
+
+
 def test_command_on_tiny_config_reports_positive_consistent_figures(tmp_path):
     out_md = tmp_path / 'bench.md'
+    fake_python = tmp_path / 'python'
+    fake_python.write_text(f'#!/bin/sh\nexec {sys.executable} -c "{_FAKE_TORCHVISION}"\n')
+    fake_python.chmod(0o755)
     cmd = [sys.executable, '-m', 'benchmarks.benchmark', '--config=tests/tiny_shapes_config.py',
            '--height=64', '--width=64', '--batch=2', '--mode=inference', '--steps=2',
-           '--peak_flops=1e11', f'--append={out_md}']
+           '--peak_flops=1e11', f'--append={out_md}', f'--torchvision_python={fake_python}']
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                           check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -45,14 +59,20 @@ def test_command_on_tiny_config_reports_positive_consistent_figures(tmp_path):
     latency, per_s = float(rows['inference latency (s/batch)'][0]), float(
         rows['inference images/s'][0])
     np.testing.assert_allclose(latency * per_s, 2.0, rtol=0.01)
-    assert rows['inference latency (s/batch)'][1] == '-'   # torchvision not run
+    # The stand-in's two timed steps, taken in turns with ours, give the ratio column.
+    assert 'the two sides taking turns step by step' in text
+    tv_latency = float(rows['inference latency (s/batch)'][1])
+    assert tv_latency >= 0.02
+    assert rows['inference latency (s/batch)'][2] == f'{tv_latency / latency:.3g}x'
     assert 'training step (s)' not in rows
     # The allocator keeps freed memory (host_memory.py): the header says so, and the
     # table counts each side's page faults per step.
     assert 'host memory: freed memory kept' in text or 'not glibc' in text
     assert float(rows['inference host page faults per step'][0]) >= 0
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result['torchvision'] is None and result['peak_flops'] == 1e11
+    assert result['peak_flops'] == 1e11
+    assert len(result['torchvision']['inference']['times_s']) == 2
+    assert 'train' not in result['torchvision']
     assert len(result['detectax']['inference']['times_s']) == 2
     assert result['detectax']['inference']['flops'] > 1e6
 
@@ -122,24 +142,53 @@ def test_roi_align_benchmark_times_both_forms_and_says_which_auto_picks():
     assert re.search(r'auto picks (gather|matmul)$', proc.stdout, re.M), proc.stdout
 
 
-def test_torchvision_runs_in_the_configs_mixed_precision(monkeypatch):
+def test_torchvision_runs_in_the_configs_mixed_precision():
     config = tiny_shapes_config.get_config()
     assert benchmark.torchvision_autocast(config, None) == 'none'   # float32 against float32
     config.dtype = 'bfloat16'
     assert benchmark.torchvision_autocast(config, None) == 'bfloat16'
     assert benchmark.torchvision_autocast(config, 'none') == 'none'  # the flag wins
-    calls = []
-
-    def fake_run(cmd, **kwargs):
-        calls.append(cmd)
-        return subprocess.CompletedProcess(cmd, 0, stdout='log line\n{"torch": "x"}\n', stderr='')
-    monkeypatch.setattr(benchmark.subprocess, 'run', fake_run)
-    result = benchmark.run_torchvision('py', config, 64, 48, 2, 'train', 3, 1, 5, 3,
-                                       autocast='bfloat16')
-    assert result == {'torch': 'x'}
-    (cmd,) = calls
+    cmd = benchmark.torchvision_command('py', config, 64, 48, 2, 'train', 5, 3,
+                                        autocast='bfloat16')
+    assert cmd[:4] == ['py', '-m', 'benchmarks.torchvision_child', '--serve']
     assert '--autocast=bfloat16' in cmd and '--device=cpu' in cmd and '--height=64' in cmd
     assert f'--post_nms_train={config.model.rpn.post_nms_topk_train}' in cmd
+
+
+# A stand-in for the torchvision child: the real serve loop with a step that sleeps.
+_FAKE_CHILD = """
+import sys, time
+from benchmarks import turns
+turns.serve({'train': lambda: time.sleep(float(sys.argv[1]))}, batch=2,
+            summary=lambda: {'torch': 'fake'})
+"""
+
+
+def test_turns_time_the_childs_steps_between_ours_and_summarise_the_timed_ones():
+    client = turns.Client([sys.executable, '-c', _FAKE_CHILD, '0.05'], cwd=REPO)
+    try:
+        assert client.step('train', False) >= 0.05      # a warm-up step: not in the summary
+        assert all(client.step('train', True) >= 0.05 for _ in range(3))
+        with pytest.raises(RuntimeError, match="bad request 'inference 1'"):
+            client.step('inference', True)              # a mode the child does not serve
+        result = client.finish()
+    finally:
+        client.close()
+    assert result['torch'] == 'fake' and 'inference' not in result
+    train = result['train']
+    assert len(train['times_s']) == 3 and min(train['times_s']) >= 0.05
+    assert train['step_s'] == sorted(train['times_s'])[1]
+    assert train['images_per_s'] == pytest.approx(2 / train['step_s'])
+    assert train['page_faults_per_step'] >= 0
+
+
+def test_turns_report_a_child_that_dies_with_its_stderr():
+    client = turns.Client([sys.executable, '-c', _FAKE_CHILD, 'not-a-number'], cwd=REPO)
+    try:
+        with pytest.raises(RuntimeError, match=r"(?s)exited \(1\).*could not convert string"):
+            client.step('train', True)
+    finally:
+        client.close()
 
 
 def test_torchvision_device_memory_is_reported():
