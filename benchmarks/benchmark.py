@@ -290,6 +290,13 @@ def table_rows(dx: dict, tv: dict | None, peak_flops: float) -> list[tuple[str, 
             continue
         speed(label, time_key, True, section)
         speed(f'{section} images/s', 'images_per_s', False, section)
+        # Taken in turns, each torchvision step follows a Detectax step: the ratio of
+        # each pair cancels most of the machine's drift.
+        d_times, t_times = dx[section].get('times_s'), tv.get(section, {}).get('times_s')
+        if d_times and t_times and len(d_times) == len(t_times):
+            pairs = sorted(t / d for d, t in zip(d_times, t_times))
+            rows.append((f'{section} speed-up per turn: median (range)', '', '',
+                         f'{statistics.median(pairs):.3g}x ({pairs[0]:.3g}-{pairs[-1]:.3g})'))
         d = dx[section]
         rows.append((f'{section} compile (s)', _fmt(d['compile_s']), '-', ''))
         flops = d.get('flops')

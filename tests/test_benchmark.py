@@ -59,17 +59,21 @@ def test_command_on_tiny_config_reports_positive_consistent_figures(tmp_path):
     latency, per_s = float(rows['inference latency (s/batch)'][0]), float(
         rows['inference images/s'][0])
     np.testing.assert_allclose(latency * per_s, 2.0, rtol=0.01)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
     # The stand-in's two timed steps, taken in turns with ours, give the ratio column.
     assert 'the two sides taking turns step by step' in text
     tv_latency = float(rows['inference latency (s/batch)'][1])
     assert tv_latency >= 0.02
     assert rows['inference latency (s/batch)'][2] == f'{tv_latency / latency:.3g}x'
+    pairs = sorted(t / d for d, t in zip(result['detectax']['inference']['times_s'],
+                                         result['torchvision']['inference']['times_s']))
+    assert rows['inference speed-up per turn: median (range)'][2] == (
+        f'{np.median(pairs):.3g}x ({pairs[0]:.3g}-{pairs[-1]:.3g})')
     assert 'training step (s)' not in rows
     # The allocator keeps freed memory (host_memory.py): the header says so, and the
     # table counts each side's page faults per step.
     assert 'host memory: freed memory kept' in text or 'not glibc' in text
     assert float(rows['inference host page faults per step'][0]) >= 0
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result['peak_flops'] == 1e11
     assert len(result['torchvision']['inference']['times_s']) == 2
     assert 'train' not in result['torchvision']
