@@ -62,9 +62,10 @@ def test_command_on_tiny_config_reports_positive_consistent_figures(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     # The stand-in's two timed steps, taken in turns with ours, give the ratio column.
     assert 'the two sides taking turns step by step' in text
-    tv_latency = float(rows['inference latency (s/batch)'][1])
-    assert tv_latency >= 0.02
-    assert rows['inference latency (s/batch)'][2] == f'{tv_latency / latency:.3g}x'
+    tv_latency = result['torchvision']['inference']['latency_s']
+    assert tv_latency >= 0.02 and rows['inference latency (s/batch)'][1] == f'{tv_latency:.3g}'
+    ratio = tv_latency / result['detectax']['inference']['latency_s']
+    assert rows['inference latency (s/batch)'][2] == f'{ratio:.3g}x'
     pairs = sorted(t / d for d, t in zip(result['detectax']['inference']['times_s'],
                                          result['torchvision']['inference']['times_s']))
     assert rows['inference speed-up per turn: median (range)'][2] == (
