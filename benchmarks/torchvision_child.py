@@ -12,9 +12,9 @@ With `--autocast=bfloat16` (or float16) the forward passes run under
 asks for when the Detectax config computes in that dtype; `--device=cuda`
 runs on the GPU (and synchronises before reading the clock). benchmark.py runs
 it with `--serve`, which times one step per request between Detectax's own steps
-(benchmarks/turns.py) instead of `--warmup` and `--steps`, and starts it with GLIBC_TUNABLES set so that its allocator keeps freed memory as the Detectax
-process's does (projects/maskrcnn/host_memory.py); each side reports its minor page
-faults per step.
+(benchmarks/turns.py) instead of `--warmup` and `--steps`, and with GLIBC_TUNABLES
+set so that its allocator keeps freed memory as the Detectax process's does
+(projects/maskrcnn/host_memory.py); each side reports its minor page faults per step.
 
 The detector does the same work as Detectax's torchvision-convention config:
 frozen batch norm, stem and res2 frozen (torchvision's `trainable_backbone_layers=3`,
