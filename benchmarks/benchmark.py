@@ -11,8 +11,8 @@ It measures compile time (lower + compile), inference latency (median of
 `--steps` runs after `--warmup`) and images/s, training images/s (the trainer's
 `train_step` and optimizer, donated state), peak host RSS, peak device memory
 (None on CPU), the compiled steps' FLOPs from XLA's cost analysis and the
-fraction of `--peak_flops` they achieve (by default a measured float32 matmul
-rate on this machine, said so in the table).
+fraction of `--peak_flops` they achieve (by default a measured matmul rate on
+this machine in the config's dtype, said so in the table).
 
 torchvision (a child process run with `--torchvision_python`, see
 torchvision_child.py): maskrcnn_resnet50_fpn with the same image size, batch,
@@ -78,7 +78,8 @@ def define_flags() -> None:
         '(mixed precision on both sides), none for float32.')
     _APPEND = flags.DEFINE_string('append', None, 'Markdown file to append the table to.')
     _PEAK_FLOPS = flags.DEFINE_float('peak_flops', None,
-                                     'Machine peak FLOP/s; default: measured f32 matmul rate.')
+                                     'Machine peak FLOP/s; default: measured matmul rate in the '
+                                     "config's dtype.")
     _PAD_MULTIPLE = flags.DEFINE_integer('pad_multiple', None,
                                          'Pad H, W up to this multiple (default: largest FPN stride).')
 
@@ -148,10 +149,15 @@ def _device_peak_bytes() -> int | None:
     return None if not stats else stats.get('peak_bytes_in_use')
 
 
-def measured_matmul_flops(n: int = 2048, reps: int = 5) -> float:
-    """Best float32 matmul rate of this backend (FLOP/s), the CPU stand-in for peak."""
-    x = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda a: a @ a)
+def measured_matmul_flops(dtype: str = 'float32', n: int = 2048, reps: int = 5) -> float:
+    """Best n x n x n matmul rate of this backend (FLOP/s), the CPU stand-in for peak.
+
+    16-bit operands are multiplied with float32 sums, as modeling/layers.matmul
+    does (on CPUs with bfloat16 matrix units, several times the float32 rate), so
+    that a 16-bit step's achieved fraction is of the rate its matmuls can reach.
+    """
+    x = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda a: jnp.matmul(a, a, preferred_element_type=jnp.float32))
     f(x).block_until_ready()
     best = float('inf')
     for _ in range(reps):
@@ -369,8 +375,10 @@ def main(argv, host_memory_note: str = ''):
     peak = _PEAK_FLOPS.value
     peak_note = 'given by --peak_flops'
     if not peak:
-        peak = measured_matmul_flops()
-        peak_note = 'measured float32 2048x2048 matmul rate in this run'
+        dtype = config.get('dtype', 'float32')
+        peak = measured_matmul_flops(dtype)
+        peak_note = (f'measured {dtype} 2048x2048 matmul rate'
+                     f'{"" if dtype == "float32" else " with float32 sums"} in this run')
 
     command = 'python -m benchmarks.benchmark ' + ' '.join(shlex.quote(a) for a in sys.argv[1:])
     tv_versions = (f"torch {tv['torch']}, torchvision {tv['torchvision']} on {tv['device']} "

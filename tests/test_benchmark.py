@@ -82,6 +82,14 @@ def test_command_on_tiny_config_reports_positive_consistent_figures(tmp_path):
     assert result['detectax']['inference']['flops'] > 1e6
 
 
+def test_peak_is_measured_in_the_configs_dtype():
+    # bfloat16 operands with float32 sums: the rate the 16-bit step's matmuls run at.
+    for dtype in ('float32', 'bfloat16'):
+        assert benchmark.measured_matmul_flops(dtype, n=128, reps=1) > 0
+    with pytest.raises(TypeError):
+        benchmark.measured_matmul_flops('not-a-dtype', n=8, reps=1)
+
+
 def test_speed_up_column_divides_the_right_way():
     dx = {'inference': {'latency_s': 1.0, 'images_per_s': 1.0, 'compile_s': 5.0, 'flops': 2e9},
           'train': {'step_s': 4.0, 'images_per_s': 0.5, 'compile_s': 9.0, 'flops': None},
