@@ -96,6 +96,13 @@ class Client:
             raise RuntimeError(f'{self.cmd[:3]}: {reply["error"]}')
         return reply
 
+    def _write(self, line: str) -> None:
+        try:
+            self.proc.stdin.write(line + '\n')
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass   # the child has exited: _read reports it, with its stderr
+
     def start(self) -> None:
         if self.proc is None:
             self.log = tempfile.TemporaryFile('w+')   # the child's stderr, for its errors
@@ -108,23 +115,23 @@ class Client:
     def step(self, mode: str, timed: bool) -> float:
         """Runs one step of `mode` in the child; its wall time in seconds."""
         self.start()
-        self.proc.stdin.write(f'{mode} {int(timed)}\n')
-        self.proc.stdin.flush()
+        self._write(f'{mode} {int(timed)}')
         return self._read()['s']
 
     def finish(self) -> dict:
         """Ends the child; its summary (see `serve`)."""
         self.start()
         try:
-            self.proc.stdin.write('exit\n')
-            self.proc.stdin.flush()
+            self._write('exit')
             return self._read()
         finally:
             self.close()
 
     def close(self) -> None:
         if self.proc is not None:
-            if self.proc.stdin:
+            try:
                 self.proc.stdin.close()
+            except BrokenPipeError:
+                pass   # a request the exited child never read
             self.proc.wait()
             self.log.close()
