@@ -42,7 +42,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from benchmarks import turns
-from benchmarks.memory import minor_page_faults, peak_rss_mb
+from benchmarks.memory import peak_rss_mb
 from projects.maskrcnn import host_memory, optim, trainer
 from projects.maskrcnn.model import MaskRCNNModel
 
@@ -177,48 +177,45 @@ def build_state(config, meta):
     return model, tx, state
 
 
+def _timed_steps(step, steps: int, warmup: int, turn=None) -> tuple[list[float], float]:
+    """Times `steps` runs of `step` after `warmup`: the times and page faults per step.
+    `turn(timed)`, if given, runs after each step (the other side's, see turns.py)."""
+    times, faults = [], 0
+    for i in range(warmup + steps):
+        seconds, step_faults = turns.timed_run(step)
+        if i >= warmup:
+            times.append(seconds)
+            faults += step_faults
+        if turn:
+            turn(i >= warmup)
+    return times, faults / steps
+
+
 def time_inference(model, state, batch, steps: int, warmup: int, turn=None) -> dict:
-    """Inference latency; `turn(timed)`, if given, runs after each step (the other side's)."""
+    """Inference latency (see `_timed_steps` for `turn`)."""
     images = {k: batch[k] for k in ('image', 'image_size')}
     fn = jax.jit(functools.partial(trainer.eval_step, model=model))
     compiled, compile_s = _compile(fn, state, images)
-    times, faults = [], 0
-    for i in range(warmup + steps):
-        before = minor_page_faults()
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(state, images))
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-            faults += minor_page_faults() - before
-        if turn:
-            turn(i >= warmup)
-    median = statistics.median(times)
-    n = batch['image'].shape[0]
-    return {'compile_s': compile_s, 'latency_s': median, 'images_per_s': n / median,
-            'flops': _flops(compiled), 'times_s': times, 'page_faults_per_step': faults / steps}
+    times, faults = _timed_steps(lambda: jax.block_until_ready(compiled(state, images)),
+                                 steps, warmup, turn)
+    return {'compile_s': compile_s, 'flops': _flops(compiled),
+            **turns.step_stats('inference', batch['image'].shape[0], times, faults)}
 
 
 def time_train(model, tx, state, batch, steps: int, warmup: int, turn=None) -> dict:
-    """Training step time; `turn(timed)`, if given, runs after each step (the other side's)."""
+    """Training step time (see `_timed_steps` for `turn`); the state is donated each step."""
     fn = jax.jit(functools.partial(trainer.train_step, model=model, tx=tx), donate_argnums=(0,))
     compiled, compile_s = _compile(fn, state, batch)
-    times, faults = [], 0
-    for i in range(warmup + steps):
-        before = minor_page_faults()
-        start = time.perf_counter()
+    metrics = None
+
+    def step():
+        nonlocal state, metrics
         state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-            faults += minor_page_faults() - before
-        if turn:
-            turn(i >= warmup)
-    loss = float(metrics['total_loss'])
-    median = statistics.median(times)
-    n = batch['image'].shape[0]
-    return {'compile_s': compile_s, 'step_s': median, 'images_per_s': n / median,
-            'flops': _flops(compiled), 'total_loss': loss, 'times_s': times,
-            'page_faults_per_step': faults / steps}
+    times, faults = _timed_steps(step, steps, warmup, turn)
+    return {'compile_s': compile_s, 'flops': _flops(compiled),
+            'total_loss': float(metrics['total_loss']),
+            **turns.step_stats('train', batch['image'].shape[0], times, faults)}
 
 
 def torchvision_autocast(config, requested: str | None) -> str:

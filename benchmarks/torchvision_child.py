@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import json
 import os
-import time
 
 import torch
 import torchvision
@@ -37,7 +36,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops import misc as misc_ops
 
 from benchmarks import turns
-from benchmarks.memory import minor_page_faults, peak_rss_mb
+from benchmarks.memory import peak_rss_mb
 
 
 def build_detector(args) -> torch.nn.Module:
@@ -71,18 +70,8 @@ def synthetic_targets(args, generator: torch.Generator) -> list[dict]:
 
 def _timed(fn, warmup: int, steps: int, device: torch.device) -> tuple[list[float], float]:
     """Step times (s) and minor page faults per step."""
-    sync = _sync(device)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    faults = minor_page_faults()
-    for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return times, (minor_page_faults() - faults) / steps
+    runs = [turns.timed_run(fn, _sync(device)) for _ in range(warmup + steps)][warmup:]
+    return [t for t, _ in runs], sum(f for _, f in runs) / steps
 
 
 def _sync(device: torch.device):

@@ -37,6 +37,17 @@ def step_stats(mode: str, batch: int, times: list[float], faults: float) -> dict
             'page_faults_per_step': faults}
 
 
+def timed_run(step: Callable[[], None], sync: Callable[[], None] = lambda: None
+              ) -> tuple[float, int]:
+    """Runs `step` once: its wall time in seconds (after `sync`) and this process's
+    minor page faults during it."""
+    before = minor_page_faults()
+    start = time.perf_counter()
+    step()
+    sync()
+    return time.perf_counter() - start, minor_page_faults() - before
+
+
 def serve(steps: dict[str, Callable[[], None]], batch: int, summary: Callable[[], dict],
           sync: Callable[[], None] = lambda: None, infile: TextIO = sys.stdin,
           outfile: TextIO = sys.stdout) -> None:
@@ -58,14 +69,10 @@ def serve(steps: dict[str, Callable[[], None]], batch: int, summary: Callable[[]
                           f'one of {sorted(steps)}, or "exit"'})
             continue
         mode, timed = parts[0], parts[1] == '1'
-        before = minor_page_faults()
-        start = time.perf_counter()
-        steps[mode]()
-        sync()
-        seconds = time.perf_counter() - start
+        seconds, step_faults = timed_run(steps[mode], sync)
         if timed:
             times[mode].append(seconds)
-            faults[mode] += minor_page_faults() - before
+            faults[mode] += step_faults
         say({'s': seconds})
     result = summary()
     for mode, ts in times.items():
