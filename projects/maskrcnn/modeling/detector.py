@@ -197,6 +197,14 @@ class MaskRCNN(nn.Module):
             r.roi_align_impl, with_gradient=train)
         return jax.vmap(fn)(features, boxes)
 
+    def _mask_logits(self, roi_features: jnp.ndarray, train: bool) -> jnp.ndarray:
+        """The mask head on [B, R, S, S, C] RoI features, all B * R RoIs as one batch
+        (each RoI's logits depend on it alone)."""
+        b, r = roi_features.shape[:2]
+        logits = self.mask_predictor(roi_features.reshape(b * r, *roi_features.shape[2:]),
+                                     train=train)
+        return logits.reshape(b, r, *logits.shape[1:])
+
     def _class_channel(self, per_class, classes):
         """Picks each RoI's class from [..., K or 1, ...]-shaped predictions."""
         if per_class.shape[-1 if per_class.ndim == 5 else -2] == 1:
@@ -237,8 +245,8 @@ class MaskRCNN(nn.Module):
             lambda t: target_ops.select_foreground(t, self.mask_head.num_fg_slots))(roi)
         take = lambda x: jnp.take_along_axis(x, fg_idx.reshape(fg_idx.shape + (1,) * (x.ndim - 2)), 1)
         fg_boxes, fg_classes, fg_matched = take(roi['boxes']), take(roi['classes']), take(roi['matched_gt'])
-        mask_logits = jax.vmap(lambda x: self.mask_predictor(x, train=True))(
-            self._pool(features, strides, fg_boxes, r.mask_resolution))
+        mask_logits = self._mask_logits(
+            self._pool(features, strides, fg_boxes, r.mask_resolution), train=True)
         mask_size = mask_logits.shape[2]
         mask_targets = jax.vmap(lambda m, gb, mi, rb: target_ops.mask_targets(
             m, gb, mi, rb, mask_size))(gt['gt_masks'], gt['gt_boxes'], fg_matched, fg_boxes)
@@ -303,8 +311,8 @@ class MaskRCNN(nn.Module):
                       classes: jnp.ndarray) -> jnp.ndarray:
         """Mask probabilities [B, D, M, M] of [B, D, 4] boxes, each in its class
         channel (classes in 1..K; 0, for padding, reads class 1)."""
-        mask_logits = jax.vmap(lambda x: self.mask_predictor(x, train=False))(
-            self.pool(features, boxes, self.roi_heads.mask_resolution))
+        mask_logits = self._mask_logits(
+            self.pool(features, boxes, self.roi_heads.mask_resolution), train=False)
         return jax.nn.sigmoid(self._class_channel(mask_logits, classes))
 
 
