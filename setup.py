@@ -10,7 +10,8 @@ setuptools.setup(
     long_description_content_type='text/markdown',
     python_requires='>=3.10',
     packages=setuptools.find_packages(include=['projects', 'projects.*', 'configs']),
-    package_data={'projects.maskrcnn': ['CONVENTIONS.md']},
+    package_data={'projects.maskrcnn': ['CONVENTIONS.md'],
+                  'projects.maskrcnn.native': ['*.cc']},
     install_requires=[
         'absl-py',
         'clu>=0.0.10',
@@ -28,6 +29,10 @@ setuptools.setup(
         'importlib-resources',  # tensorflow-datasets needs it to build datasets
         'tensorboard',          # clu's TensorBoard writer
         'tqdm',
+        # oneDNN convolutions on the CPU backend (projects/maskrcnn/native), compiled on
+        # first use with the system's C++ compiler; without them XLA's convolutions run.
+        'onednn-cpu-gomp>=2023.0; sys_platform == "linux" and platform_machine == "x86_64"',
+        'onednn-devel-cpu-gomp>=2023.0; sys_platform == "linux" and platform_machine == "x86_64"',
     ],
     extras_require={
         'test': ['pytest>=7', 'pytest-xdist', 'chex'],

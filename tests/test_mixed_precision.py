@@ -52,7 +52,9 @@ def test_bfloat16_computes_in_bfloat16_and_keeps_float32_state_and_losses(batch_
     # The network itself runs in bfloat16 ...
     hlo = jax.jit(functools.partial(trainer.eval_step, model=model16)).lower(
         state16, {k: batch[k] for k in ('image', 'image_size')}).as_text()
-    assert 'bf16' in hlo and 'convolution' in hlo
+    convs = [line for line in hlo.splitlines()
+             if 'stablehlo.convolution' in line or 'detectax_onednn_conv_forward' in line]
+    assert convs and all('xbf16>' in line for line in convs), convs
     # ... and gives the float32 losses to bfloat16 precision.
     for name in ('total_loss', 'loss_rpn_cls', 'loss_roi_cls', 'loss_mask'):
         np.testing.assert_allclose(float(metrics16[name]), float(metrics32[name]),

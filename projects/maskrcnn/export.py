@@ -29,6 +29,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from projects.maskrcnn import predict, serving_loader
+from projects.maskrcnn.native import onednn
 
 FORMAT_VERSION = 1
 
@@ -74,8 +75,11 @@ def export_model(config: ml_collections.ConfigDict, checkpoint: str, output_dir:
     specs = ([jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves],
              jax.ShapeDtypeStruct((batch_size, height, width, 3), np.float32),
              jax.ShapeDtypeStruct((batch_size, 2), np.int32))
-    exported = jax.export.export(jax.jit(_serving_function(model, treedef)),
-                                 platforms=platforms)(*specs)
+    # XLA's own convolutions: the artifact must run without this project's
+    # native kernels, and on any of `platforms`.
+    with onednn.portable():
+        exported = jax.export.export(jax.jit(_serving_function(model, treedef)),
+                                     platforms=platforms)(*specs)
 
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, serving_loader.MODEL_FILENAME), 'wb') as f:

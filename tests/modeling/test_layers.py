@@ -23,6 +23,12 @@ def _transposed_conv_reference(x, kernel, bias):
     return out
 
 
+@pytest.fixture(autouse=True)
+def _xla_lowering(monkeypatch):
+    """These tests cover the XLA lowerings; tests/test_onednn.py covers the oneDNN path."""
+    monkeypatch.setenv('DETECTAX_ONEDNN', 'off')
+
+
 def test_upsample2x_conv_matches_explicit_transposed_convolution():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(2, 3, 4, 5)).astype(np.float32)
