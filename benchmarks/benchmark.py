@@ -10,7 +10,8 @@ on a batch of random images of HxW padded up to the config's required multiple
 It measures compile time (lower + compile), inference latency (median of
 `--steps` runs after `--warmup`) and images/s, training images/s (the trainer's
 `train_step` and optimizer, donated state), peak host RSS, peak device memory
-(None on CPU), the compiled steps' FLOPs from XLA's cost analysis and the
+(None on CPU), the steps' FLOPs from XLA's cost analysis (of the step lowered
+with XLA's own convolutions where they run through oneDNN) and the
 fraction of `--peak_flops` they achieve (by default a measured matmul rate on
 this machine in the config's dtype, said so in the table).
 
@@ -45,6 +46,7 @@ from benchmarks import turns
 from benchmarks.memory import peak_rss_mb
 from projects.maskrcnn import host_memory, optim, trainer
 from projects.maskrcnn.model import MaskRCNNModel
+from projects.maskrcnn.native import onednn
 
 # Flag holders, set by define_flags() when run as a command (importing the module
 # defines no flags, so tests and other commands can import it).
@@ -138,6 +140,21 @@ def _flops(compiled) -> float | None:
     return float(cost['flops'])
 
 
+def _xla_flops(fn, compiled, *args) -> float | None:
+    """The step's FLOPs as XLA counts them. Where convolutions run as oneDNN custom
+    calls, which XLA's cost analysis cannot see, `fn` (a function, not yet jitted)
+    is lowered once more with XLA's own convolutions and that program is counted."""
+    if 'detectax_onednn' not in compiled.as_text():
+        return _flops(compiled)
+    with onednn.portable():
+        lowered = jax.jit(fn).lower(*args)
+    try:
+        cost = lowered.cost_analysis()
+    except Exception:  # noqa: BLE001 - some backends have none
+        return None
+    return float(cost['flops']) if cost and 'flops' in cost else None
+
+
 def _compile(fn, *args) -> tuple[object, float]:
     start = time.perf_counter()
     compiled = fn.lower(*args).compile()
@@ -194,18 +211,20 @@ def _timed_steps(step, steps: int, warmup: int, turn=None) -> tuple[list[float],
 def time_inference(model, state, batch, steps: int, warmup: int, turn=None) -> dict:
     """Inference latency (see `_timed_steps` for `turn`)."""
     images = {k: batch[k] for k in ('image', 'image_size')}
-    fn = jax.jit(functools.partial(trainer.eval_step, model=model))
-    compiled, compile_s = _compile(fn, state, images)
+    step_fn = functools.partial(trainer.eval_step, model=model)
+    compiled, compile_s = _compile(jax.jit(step_fn), state, images)
+    flops = _xla_flops(step_fn, compiled, state, images)
     times, faults = _timed_steps(lambda: jax.block_until_ready(compiled(state, images)),
                                  steps, warmup, turn)
-    return {'compile_s': compile_s, 'flops': _flops(compiled),
+    return {'compile_s': compile_s, 'flops': flops,
             **turns.step_stats('inference', batch['image'].shape[0], times, faults)}
 
 
 def time_train(model, tx, state, batch, steps: int, warmup: int, turn=None) -> dict:
     """Training step time (see `_timed_steps` for `turn`); the state is donated each step."""
-    fn = jax.jit(functools.partial(trainer.train_step, model=model, tx=tx), donate_argnums=(0,))
-    compiled, compile_s = _compile(fn, state, batch)
+    step_fn = functools.partial(trainer.train_step, model=model, tx=tx)
+    compiled, compile_s = _compile(jax.jit(step_fn, donate_argnums=(0,)), state, batch)
+    flops = _xla_flops(step_fn, compiled, state, batch)
     metrics = None
 
     def step():
@@ -213,7 +232,7 @@ def time_train(model, tx, state, batch, steps: int, warmup: int, turn=None) -> d
         state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
     times, faults = _timed_steps(step, steps, warmup, turn)
-    return {'compile_s': compile_s, 'flops': _flops(compiled),
+    return {'compile_s': compile_s, 'flops': flops,
             'total_loss': float(metrics['total_loss']),
             **turns.step_stats('train', batch['image'].shape[0], times, faults)}
 
@@ -391,7 +410,8 @@ def main(argv, host_memory_note: str = ''):
         f'{datetime.date.today().isoformat()}; {machine_description()}; {tv_versions}. '
         f'Median of {_STEPS.value} steps after {_WARMUP.value} warm-up'
         f'{", the two sides taking turns step by step" if tv else ""}; peak '
-        f'{peak / 1e9:.0f} GFLOP/s ({peak_note}); host memory: {host_memory_note}. '
+        f'{peak / 1e9:.0f} GFLOP/s ({peak_note}); host memory: {host_memory_note}; '
+        f'{onednn.describe(config.get("dtype", "float32"))}. '
         'Detectax per-step times (s): '
         + '; '.join(f"{k} {', '.join(f'{t:.3g}' for t in dx[k]['times_s'])}"
                     for k in ('inference', 'train') if k in dx)

@@ -1,4 +1,4 @@
-r"""One convolution layer on the CPU: XLA's lowering against the project's.
+r"""One convolution layer on the CPU: XLA's lowering against the project's two.
 
   python -m benchmarks.conv_grad_microbenchmark --shape=2,128,128,256 --features=256 --kernel=3 --stride=1
   python -m benchmarks.conv_grad_microbenchmark ... --dtype=bfloat16
@@ -12,7 +12,9 @@ XLA:CPU runs on the bfloat16 matrix units where the CPU has them). This script
 times, on one layer shape, the forward convolution and the input gradient with
 XLA's lowering (DETECTAX_MATMUL=xla, DETECTAX_CONV_KERNEL_GRAD=xla) and with
 the project's default ('Detectax'), and the kernel gradient both ways, and
-checks that the two kernel gradients agree.
+checks that the kernel gradients agree. With the oneDNN kernels available
+(projects/maskrcnn/native/onednn.py) it adds their rows (DETECTAX_ONEDNN=on;
+the other rows run with it off).
 """
 
 from absl import app, flags
@@ -22,6 +24,7 @@ import jax.numpy as jnp
 from benchmarks import timing
 from projects.maskrcnn import host_memory
 from projects.maskrcnn.modeling import layers
+from projects.maskrcnn.native import onednn
 
 
 def define_flags() -> None:
@@ -33,9 +36,11 @@ def define_flags() -> None:
     flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Operand dtype.')
 
 
-def _jit_in_mode(fn, kernel_grad: str, matmul: str = 'xla'):
-    """jit(fn) traced with DETECTAX_CONV_KERNEL_GRAD and DETECTAX_MATMUL set (read at trace time)."""
-    return timing.jit_with_env(fn, DETECTAX_CONV_KERNEL_GRAD=kernel_grad, DETECTAX_MATMUL=matmul)
+def _jit_in_mode(fn, kernel_grad: str, matmul: str = 'xla', onednn_mode: str = 'off'):
+    """jit(fn) traced with DETECTAX_CONV_KERNEL_GRAD, DETECTAX_MATMUL and DETECTAX_ONEDNN
+    set (read at trace time)."""
+    return timing.jit_with_env(fn, DETECTAX_CONV_KERNEL_GRAD=kernel_grad, DETECTAX_MATMUL=matmul,
+                               DETECTAX_ONEDNN=onednn_mode)
 
 
 def main(argv):
@@ -72,11 +77,28 @@ def main(argv):
             ('forward conv, Detectax', _jit_in_mode(conv, 'auto', 'auto'), (x, kernel)),
             ('input grad, XLA', _jit_in_mode(input_grad, 'xla'), (x, kernel, dy)),
             ('input grad, Detectax', _jit_in_mode(input_grad, 'auto', 'auto'), (x, kernel, dy))]
-    for name, fn, args in rows + [('kernel grad, XLA', xla, (x, kernel, dy)),
-                                  ('kernel grad, Detectax', taps, (x, kernel, dy))]:
+    rows += [('kernel grad, XLA', xla, (x, kernel, dy)),
+             ('kernel grad, Detectax', taps, (x, kernel, dy))]
+    if onednn.status().available and f.dtype in onednn.status().dtypes:
+        in_onednn = lambda fn: _jit_in_mode(fn, 'auto', 'auto', 'on')  # noqa: E731
+        dnnl_grad = in_onednn(kernel_grad)
+        derr = float(jnp.max(jnp.abs(as_f32(reference) - as_f32(dnnl_grad(x, kernel, dy))))
+                     / jnp.max(jnp.abs(as_f32(reference))))
+        assert derr < (1e-4 if dtype == jnp.float32 else 2 ** -6), derr
+        rows += [('forward conv, oneDNN', in_onednn(conv), (x, kernel)),
+                 ('input grad, oneDNN', in_onednn(input_grad), (x, kernel, dy)),
+                 ('kernel grad, oneDNN', dnnl_grad, (x, kernel, dy))]
+        print("'Detectax' rows: the project's XLA lowering (DETECTAX_ONEDNN=off); 'oneDNN' rows: "
+              '%d thread(s) for the forward call, %d for each gradient call '
+              '(DETECTAX_ONEDNN_THREADS)' % onednn.threads())
+    else:
+        derr = None
+        print(f'(no oneDNN rows: {onednn.status().reason or "no " + f.dtype + " kernels"})')
+    for name, fn, args in rows:
         t = timing.median_seconds(fn, *args, reps=f.reps)
         print(f'{name:26s} {t * 1e3:8.1f} ms  {flops / t / 1e9:6.1f} GFLOP/s')
-    print(f'relative difference of the two kernel gradients: {err:.1e}')
+    print(f'relative difference of the kernel gradients from XLA\'s: Detectax {err:.1e}'
+          + ('' if derr is None else f', oneDNN {derr:.1e}'))
 
 
 if __name__ == '__main__':

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from benchmarks import benchmark, turns
+from projects.maskrcnn.native import onednn
 from tests import tiny_shapes_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,6 +126,8 @@ def test_padding_and_synthetic_batch():
 
 ROW_NAMES = ['forward conv, XLA', 'forward conv, Detectax', 'input grad, XLA',
              'input grad, Detectax', 'kernel grad, XLA', 'kernel grad, Detectax']
+# With the oneDNN kernels (tests/native/test_onednn.py requires them on Linux x86-64).
+ONEDNN_ROWS = ['forward conv, oneDNN', 'input grad, oneDNN', 'kernel grad, oneDNN']
 
 
 @pytest.mark.parametrize('dtype,kernel,stride', [('float32', 3, 2), ('float32', 1, 1),
@@ -137,11 +140,15 @@ def test_conv_grad_microbenchmark_times_both_lowerings(dtype, kernel, stride):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = re.findall(r'^((?:forward conv|input grad|kernel grad), [a-zA-Z ]+?)\s+([0-9.]+) ms',
                       proc.stdout, re.M)
-    assert [r[0] for r in rows] == ROW_NAMES, proc.stdout
+    with_onednn = onednn.status().available
+    assert [r[0] for r in rows] == ROW_NAMES + (ONEDNN_ROWS if with_onednn else []), proc.stdout
     assert sum(float(r[1]) for r in rows) > 0, proc.stdout  # single rows may print 0.0 ms
-    # The two kernel gradients agree (the command asserts it too and prints the difference).
-    err = float(re.search(r'kernel gradients: ([0-9.e+-]+)', proc.stdout).group(1))
-    assert err < (1e-4 if dtype == 'float32' else 2 ** -6)
+    # The kernel gradients agree with XLA's (the command asserts it too and prints them).
+    errs = re.search(r"kernel gradients from XLA's: Detectax ([0-9.e+-]+)(?:, oneDNN ([0-9.e+-]+))?",
+                     proc.stdout)
+    assert (errs.group(2) is not None) == with_onednn, proc.stdout
+    for err in filter(None, errs.groups()):
+        assert float(err) < (1e-4 if dtype == 'float32' else 2 ** -6)
 
 
 def test_roi_align_benchmark_times_both_forms_and_says_which_auto_picks():
