@@ -146,8 +146,8 @@ def _xla_flops(fn, compiled, *args) -> float | None:
     is lowered once more with XLA's own convolutions and that program is counted."""
     if 'detectax_onednn' not in compiled.as_text():
         return _flops(compiled)
-    with onednn.portable():
-        lowered = jax.jit(fn).lower(*args)
+    with onednn.portable():   # traced anew: jit caches traces by function
+        lowered = jax.jit(lambda *a: fn(*a)).lower(*args)
     try:
         cost = lowered.cost_analysis()
     except Exception:  # noqa: BLE001 - some backends have none

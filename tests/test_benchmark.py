@@ -248,3 +248,21 @@ def test_ab_train_step_forwards_the_step_flags_and_names_a_bad_tree(tmp_path):
         cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode != 0
     assert f'--a={tmp_path}: no projects/maskrcnn there' in proc.stderr + proc.stdout
+
+
+@pytest.mark.skipif(not onednn.status().available, reason=onednn.status().reason)
+def test_flops_count_the_convolutions_that_run_as_custom_calls():
+    import jax
+    import jax.numpy as jnp
+    from projects.maskrcnn.modeling import layers
+    x, kernel = jnp.ones((2, 16, 16, 32)), jnp.ones((3, 3, 32, 64))
+
+    def step(x, kernel):
+        return layers.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                           dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    compiled = jax.jit(step).lower(x, kernel).compile()   # traced with oneDNN first
+    assert 'detectax_onednn_conv_forward' in compiled.as_text()
+    assert benchmark._flops(compiled) < 1e6   # XLA sees no work in the custom call
+    # XLA counts the taps that fall inside the map: (16 * 3 - 2)^2 per image and channel pair.
+    assert benchmark._xla_flops(step, compiled, x, kernel) == 2 * 2 * 46 * 46 * 32 * 64
+
