@@ -202,7 +202,8 @@ def threads() -> tuple[int, int]:
     the forward calls beat 1)."""
     value = os.environ.get(THREADS_ENV, 'auto')
     if value == 'auto':
-        return len(os.sched_getaffinity(0)), 1
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+        return cores or 1, 1
     try:
         forward, gradient = (int(v) for v in value.split(','))
     except ValueError:
