@@ -15,6 +15,13 @@ turn, `--rounds` times, starting with the other side each round, so that both
 sides see the same machine. It prints each side's step times, their medians and
 minima, and the ratio A / B (above 1: B faster), and the final losses: the same
 model on the same data gives the same loss unless the change alters arithmetic.
+
+With `--a=. --b=.` and `--env_a` / `--env_b` it times one switch of the same tree
+instead, e.g. the oneDNN convolutions against XLA's:
+
+  python -m benchmarks.ab_train_step --a=. --b=. --env_a=DETECTAX_ONEDNN=off \
+      --config=configs/demo_shapes.py --height=128 --width=128 --batch=8 \
+      --num_classes=3 --instances=6 --rounds=6 --steps_per_round=5
 """
 
 import json
@@ -30,12 +37,12 @@ from ml_collections import config_flags
 
 # Flag holders, set by define_flags() when this file runs as a command.
 _A = _B = _CONFIG = _HEIGHT = _WIDTH = _BATCH = _INSTANCES = _NUM_CLASSES = None
-_ROUNDS = _STEPS = _CHILD = None
+_ROUNDS = _STEPS = _CHILD = _ENV_A = _ENV_B = None
 
 
 def define_flags() -> None:
     global _A, _B, _CONFIG, _HEIGHT, _WIDTH, _BATCH, _INSTANCES, _NUM_CLASSES
-    global _ROUNDS, _STEPS, _CHILD
+    global _ROUNDS, _STEPS, _CHILD, _ENV_A, _ENV_B
     _A = flags.DEFINE_string('a', None, 'Source tree A (a checkout or `git archive` of it).')
     _B = flags.DEFINE_string('b', None, 'Source tree B.')
     _CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file, '
@@ -48,6 +55,10 @@ def define_flags() -> None:
     _ROUNDS = flags.DEFINE_integer('rounds', 6, 'Turns each side gets.')
     _STEPS = flags.DEFINE_integer('steps_per_round', 2, 'Timed steps per turn.')
     _CHILD = flags.DEFINE_string('child', None, 'Internal: run as the child for this tree.')
+    _ENV_A = flags.DEFINE_multi_string(
+        'env_a', [], 'NAME=value for side A only, repeatable, e.g. DETECTAX_ONEDNN=off '
+        '(with --a=. --b=. it times one switch).')
+    _ENV_B = flags.DEFINE_multi_string('env_b', [], 'NAME=value for side B only, repeatable.')
 
 
 def _child() -> None:
@@ -80,6 +91,17 @@ def _child() -> None:
             jax.block_until_ready((state, metrics))
             times.append(time.perf_counter() - start)
         print(json.dumps({'times': times, 'loss': float(metrics['total_loss'])}), flush=True)
+
+
+def side_env(base: dict, settings: list[str], flag: str) -> dict:
+    """`base` with the NAME=value `settings` of --env_a or --env_b applied."""
+    env = dict(base)
+    for setting in settings:
+        name, sep, value = setting.partition('=')
+        if not sep or not name:
+            raise app.UsageError(f'--{flag}: {setting!r} is not NAME=value')
+        env[name] = value
+    return env
 
 
 def step_flags(argv: list[str]) -> list[str]:
@@ -147,7 +169,8 @@ def main(argv) -> None:
     env.pop('PYTHONPATH', None)
     if tunables := host_memory.glibc_tunables():
         env['GLIBC_TUNABLES'] = ':'.join(filter(None, [env.get('GLIBC_TUNABLES'), tunables]))
-    sides = [_Side('A', _A.value, forwarded, env), _Side('B', _B.value, forwarded, env)]
+    sides = [_Side('A', _A.value, forwarded, side_env(env, _ENV_A.value, 'env_a')),
+             _Side('B', _B.value, forwarded, side_env(env, _ENV_B.value, 'env_b'))]
     try:
         for side in sides:
             side.wait_ready()

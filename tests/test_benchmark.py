@@ -250,6 +250,17 @@ def test_ab_train_step_forwards_the_step_flags_and_names_a_bad_tree(tmp_path):
     assert f'--a={tmp_path}: no projects/maskrcnn there' in proc.stderr + proc.stdout
 
 
+def test_ab_train_step_sets_each_sides_environment_and_names_a_bad_setting():
+    from absl import app
+    from benchmarks import ab_train_step
+    base = {'PATH': '/bin', 'DETECTAX_ONEDNN': 'auto'}
+    env = ab_train_step.side_env(base, ['DETECTAX_ONEDNN=off', 'X=a=b'], 'env_a')
+    assert env == {'PATH': '/bin', 'DETECTAX_ONEDNN': 'off', 'X': 'a=b'}
+    assert base['DETECTAX_ONEDNN'] == 'auto'   # the other side's environment is untouched
+    with pytest.raises(app.UsageError, match="--env_b: 'DETECTAX_ONEDNN' is not NAME=value"):
+        ab_train_step.side_env(base, ['DETECTAX_ONEDNN'], 'env_b')
+
+
 @pytest.mark.skipif(not onednn.status().available, reason=onednn.status().reason)
 def test_flops_count_the_convolutions_that_run_as_custom_calls():
     import jax
