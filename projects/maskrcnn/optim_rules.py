@@ -22,7 +22,8 @@ decay ** (depth + 1 - layer_id). ViT-B (depth 12, decay 0.7): stem 0.7^13 =
 """
 
 import re
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax
 import jax
@@ -47,7 +48,7 @@ def no_decay_rule(patterns: Sequence[str] | None) -> Callable[[Sequence[str]], b
     if patterns is None:
         return _is_norm
     if isinstance(patterns, str):
-        raise ValueError(f'config.optimizer_configs.no_weight_decay={patterns!r} must be a '
+        raise TypeError(f'config.optimizer_configs.no_weight_decay={patterns!r} must be a '
                          'sequence of regular expressions, not one string')
     try:
         compiled = [re.compile(p) for p in patterns]

@@ -61,8 +61,8 @@ def test_hand_computed_bicubic_row():
     # Upsampling 4 -> 8: output 0 sits at source -0.25, taps -2..1 clamp to 0, 0, 0, 1.
     # t = 0.75: weights far(1.75), near(0.75), near(0.25), far(1.25) with A = -0.75.
     a = -0.75
-    near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # noqa: E731
-    far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # noqa: E731
+    near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1
+    far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
     expected = [far(1.75) + near(0.75) + near(0.25), far(1.25), 0, 0]
     np.testing.assert_allclose(interpolation.bicubic_matrix(4, 8)[0], expected, atol=1e-12)
     np.testing.assert_allclose(interpolation.bicubic_matrix(4, 8).sum(1), 1.0, atol=1e-12)

@@ -75,7 +75,7 @@ def build_trunk():
     return model
 
 
-def _draw(name: str, shape) -> 'torch.Tensor':
+def _draw(name: str, shape):
     """Seeded values of a sensible scale: fan-in normal for weights, nonzero
     around 1 for norm scales, 0.1-scale for biases, rel-pos and positions."""
     import torch

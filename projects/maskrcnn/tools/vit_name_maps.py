@@ -24,7 +24,7 @@ name_maps.py, which are consulted after these.
 """
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 from projects.maskrcnn.tools.name_maps import Target, _layer
 

@@ -65,7 +65,7 @@ def layer_norm(name: str) -> nn.LayerNorm:
 def resize_abs_pos(pos_embed: jnp.ndarray, grid_hw: tuple[int, int]) -> jnp.ndarray:
     """(1, 1 + S*S, C) MAE position table -> [h, w, C] for a token grid (h, w)."""
     table = pos_embed[0, 1:]
-    side = int(round(np.sqrt(table.shape[0])))
+    side = round(float(np.sqrt(table.shape[0])))
     if side * side != table.shape[0]:
         raise ValueError(f'pos_embed holds {table.shape[0]} positions after the class slot, '
                          'not a square grid')

@@ -72,8 +72,9 @@ class SimpleFPN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> list[jnp.ndarray]:
-        if x.ndim != 4:
-            raise ValueError(f'SimpleFPN expects one [B, h, w, C] map, got shape {x.shape}')
+        if getattr(x, 'ndim', None) != 4:
+            raise ValueError('SimpleFPN expects one [B, h, w, C] map, got '
+                             f'{getattr(x, "shape", type(x).__name__)}')
         if self.top_block not in ('maxpool', 'none'):
             raise ValueError(f"unknown SimpleFPN top_block {self.top_block!r}; "
                              "expected 'maxpool' or 'none'")
