@@ -18,7 +18,8 @@ TOP_LEVEL_KEYS = {
 }
 LR_KEYS = {'base_learning_rate', 'warmup_steps', 'warmup_factor', 'decay_steps', 'decay_factor'}
 OPTIMIZER_KEYS = {'optimizer', 'momentum', 'nesterov', 'beta1', 'beta2', 'eps', 'weight_decay',
-                  'weight_decay_norm', 'grad_clip_norm'}
+                  'weight_decay_norm', 'grad_clip_norm', 'no_weight_decay', 'layerwise_decay',
+                  'layerwise_num_layers'}
 INIT_FROM_KEYS = {'checkpoint_path'}
 
 

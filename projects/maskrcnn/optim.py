@@ -2,9 +2,10 @@
 
 SGD with momentum (`optimizer='momentum'`, the default): weight decay added to the
 gradient, as PyTorch's SGD. AdamW (`optimizer='adamw'`, as Detectron2's ViTDet recipes):
-decoupled weight decay. Either way weight decay is skipped for norm parameters, frozen
-backbone stages get no update at all, and the learning rate warms up linearly from
-`warmup_factor`, then decays in steps.
+decoupled weight decay. Either way weight decay is skipped for norm parameters (or
+for the paths `no_weight_decay` names), frozen backbone stages get no update at all,
+updates are scaled per layer where `layerwise_decay` is set (optim_rules.py), and the
+learning rate warms up linearly from `warmup_factor`, then decays in steps.
 """
 
 from typing import Any
@@ -13,6 +14,7 @@ import flax
 import ml_collections
 import optax
 
+from projects.maskrcnn import optim_rules
 from projects.maskrcnn.modeling.backbones.resnet import frozen_prefixes
 
 OPTIMIZERS = ('momentum', 'adamw')
@@ -36,19 +38,17 @@ def learning_rate_schedule(lr_configs: ml_collections.ConfigDict) -> optax.Sched
     return schedule
 
 
-def _is_norm(path: tuple[str, ...]) -> bool:
-    return any('norm' in p for p in path[:-1])
-
-
-def parameter_labels(params: Any, freeze_at: int) -> Any:
-    """'frozen', 'no_decay' (norm parameters) or 'decay' for every parameter."""
+def parameter_labels(params: Any, freeze_at: int, no_weight_decay=None) -> Any:
+    """'frozen', 'no_decay' (norm parameters, or the paths matching the
+    `no_weight_decay` patterns, see optim_rules.py) or 'decay' for every parameter."""
     frozen = frozen_prefixes(freeze_at)
+    no_decay = optim_rules.no_decay_rule(no_weight_decay)
     flat = flax.traverse_util.flatten_dict(params)
     labels = {}
     for path in flat:
         if path[0] == 'body' and frozen and path[1].startswith(frozen):
             labels[path] = 'frozen'
-        elif _is_norm(path):
+        elif no_decay(path):
             labels[path] = 'no_decay'
         else:
             labels[path] = 'decay'
@@ -84,5 +84,9 @@ def build_optimizer(config: ml_collections.ConfigDict, params: Any
         {'decay': transform(opt.weight_decay),
          'no_decay': transform(opt.get('weight_decay_norm', 0.0)),
          'frozen': optax.set_to_zero()},
-        parameter_labels(params, freeze_at))
+        parameter_labels(params, freeze_at, opt.get('no_weight_decay')))
+    if opt.get('layerwise_decay'):
+        scales = optim_rules.layerwise_lr_scales(params, opt.layerwise_decay,
+                                                 opt.get('layerwise_num_layers'))
+        tx = optax.chain(tx, optim_rules.scale_by_tree(scales))
     return tx, schedule

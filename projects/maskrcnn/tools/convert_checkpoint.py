@@ -44,9 +44,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from projects.maskrcnn.tools import name_maps, safe_load
+from projects.maskrcnn.tools import name_maps, safe_load, vit_name_maps
 
-SOURCES = ('torchvision', 'detectron2')
+SOURCES = ('torchvision', 'detectron2', 'mae')
 # The 80 category ids of COCO 2017, in the annotation file's order.
 COCO_CATEGORY_IDS = (
     1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
@@ -202,11 +202,15 @@ def convert(state: Mapping[str, np.ndarray], source: str, *,
         state = {name_maps.c2_to_detectron2(k): v for k, v in state.items()}
         notes.append('Caffe2 backbone names renamed as Detectron2 does')
     targets, unused, ignored = {}, [], []
+    dropped = vit_name_maps.dropped(source, state)
+    if dropped:
+        notes.append(f'dropped (no place in ViTDet): {", ".join(dropped)}')
     for name in state:
-        target = name_maps.target_of(source, name)
+        target = vit_name_maps.target_of(source, name, state) or (
+            name_maps.target_of(source, name) if source in name_maps.RULES else None)
         if target is not None:
             targets[name] = target
-        elif name_maps.IGNORED.fullmatch(name):
+        elif name_maps.IGNORED.fullmatch(name) or name in dropped:
             ignored.append(name)
         else:
             unused.append(name)
@@ -215,9 +219,9 @@ def convert(state: Mapping[str, np.ndarray], source: str, *,
         class_ids = default_class_ids(source, num_classes, all_classes)
     if num_classes:
         notes.append(f'{len(class_ids)} classes kept; source indices {list(class_ids)}')
-    if reverse_input_channels:
+    if reverse_input_channels and any(t.kind == 'stem_conv' for t in targets.values()):
         notes.append('first conv input channels reversed (BGR weights, RGB images)')
-    pooled = _pooled_channels(state, targets)
+    pooled = vit_name_maps.pooled_channels(state) or _pooled_channels(state, targets)
     variables: dict[str, Any] = {}
     loaded = {}
     for name, target in targets.items():
