@@ -44,7 +44,8 @@ import numpy as np
 
 from benchmarks import turns
 from benchmarks.memory import peak_rss_mb
-from projects.maskrcnn import host_memory, optim, trainer
+from projects.maskrcnn import host_memory, optim
+from projects.maskrcnn import steps as step_lib
 from projects.maskrcnn.model import MaskRCNNModel
 from projects.maskrcnn.native import onednn
 
@@ -186,10 +187,10 @@ def measured_matmul_flops(dtype: str = 'float32', n: int = 2048, reps: int = 5) 
 
 def build_state(config, meta):
     model = MaskRCNNModel(config, meta)
-    variables = trainer.init_variables(model, jax.random.PRNGKey(config.get('rng_seed', 0)), meta)
+    variables = step_lib.init_variables(model, jax.random.PRNGKey(config.get('rng_seed', 0)), meta)
     params = variables.pop('params')
     tx, _ = optim.build_optimizer(config, params)
-    state = trainer.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
+    state = step_lib.TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params),
                                model_state=dict(variables), rng=jax.random.PRNGKey(1))
     return model, tx, state
 
@@ -211,7 +212,7 @@ def _timed_steps(step, steps: int, warmup: int, turn=None) -> tuple[list[float],
 def time_inference(model, state, batch, steps: int, warmup: int, turn=None) -> dict:
     """Inference latency (see `_timed_steps` for `turn`)."""
     images = {k: batch[k] for k in ('image', 'image_size')}
-    step_fn = functools.partial(trainer.eval_step, model=model)
+    step_fn = functools.partial(step_lib.eval_step, model=model)
     compiled, compile_s = _compile(jax.jit(step_fn), state, images)
     flops = _xla_flops(step_fn, compiled, state, images)
     times, faults = _timed_steps(lambda: jax.block_until_ready(compiled(state, images)),
@@ -222,7 +223,7 @@ def time_inference(model, state, batch, steps: int, warmup: int, turn=None) -> d
 
 def time_train(model, tx, state, batch, steps: int, warmup: int, turn=None) -> dict:
     """Training step time (see `_timed_steps` for `turn`); the state is donated each step."""
-    step_fn = functools.partial(trainer.train_step, model=model, tx=tx)
+    step_fn = functools.partial(step_lib.train_step, model=model, tx=tx)
     compiled, compile_s = _compile(jax.jit(step_fn, donate_argnums=(0,)), state, batch)
     flops = _xla_flops(step_fn, compiled, state, batch)
     metrics = None

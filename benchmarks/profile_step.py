@@ -100,11 +100,11 @@ def main(argv):
         raise app.UsageError('--mode must be inference or train')
     if _MODE.value == 'inference':
         images = {k: batch[k] for k in ('image', 'image_size')}
-        fn = jax.jit(lambda s, b: benchmark.trainer.eval_step(s, b, model=model))
+        fn = jax.jit(lambda s, b: benchmark.step_lib.eval_step(s, b, model=model))
         fn = fn.lower(state, images).compile()
         step = lambda: jax.block_until_ready(fn(state, images))  # noqa: E731
     else:
-        fn = jax.jit(lambda s, b: benchmark.trainer.train_step(s, b, model=model, tx=tx))
+        fn = jax.jit(lambda s, b: benchmark.step_lib.train_step(s, b, model=model, tx=tx))
         fn = fn.lower(state, batch).compile()
         step = lambda: jax.block_until_ready(fn(state, batch))  # noqa: E731
     step()
