@@ -175,7 +175,7 @@ class MaskRCNN(nn.Module):
         a = self.anchors
         anchors = anchor_ops.pyramid_anchors(
             [f.shape[1:3] for f in features], _strides(len(features)), a.sizes,
-            a.aspect_ratios, a.offset, a.round_cell_anchors)
+            a.aspect_ratios, a.offset, a.round_cell_anchors, a.order)
         logits, deltas = self.rpn_head(features)
         proposals, valid, scores = generate_proposals(
             logits, deltas, anchors, image_sizes.astype(jnp.float32), self.rpn, train,

@@ -29,6 +29,7 @@ class AnchorSpec:
     aspect_ratios: tuple = (0.5, 1.0, 2.0)
     offset: float = 0.0
     round_cell_anchors: bool = False  # torchvision rounds its cell anchors to integers
+    order: str = 'size_major'         # cell anchors' order; torchvision's is 'ratio_major'
 
 
 @dataclasses.dataclass(frozen=True)
