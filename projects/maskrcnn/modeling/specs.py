@@ -87,6 +87,7 @@ class MaskHeadSpec:
     upsample: str = 'deconv'         # or 'bilinear'
     norm: str = 'none'
     num_fg_slots: int = 128          # RoIs given to the mask head in training
+    targets: str = 'hard'            # or 'soft', torchvision's (see ops/targets.py)
     class_agnostic: bool = False
 
 
