@@ -109,18 +109,15 @@ def _variables(golden, grads: dict[str, np.ndarray] | None = None):
     return conversion
 
 
-def _mask_stage(module, images, boxes, classes):
-    """Mask logits of given RoIs in their class channel, on frozen features."""
-    _, features = module.extract_features(images, train=True)
-    features = [jax.lax.stop_gradient(f) for f in features]
-    logits = module._mask_logits(module.pool(features, boxes, 14, train=True), train=True)
-    return module._class_channel(logits, classes)
-
-
-def _proposals(module, images, sizes):
+def _reference_stages(module, images, sizes, boxes, classes):
+    """Proposals, and mask logits of given RoIs in their class channel on frozen
+    features (one backbone pass for both)."""
     _, features = module.extract_features(images, train=True)
     rpn = module.propose(features, sizes.astype(jnp.float32), train=True)
-    return rpn['proposals'], rpn['proposal_logits']
+    features = [jax.lax.stop_gradient(f) for f in features]
+    logits = module._mask_logits(module.pool(features, boxes, 14, train=True), train=True)
+    return (module._class_channel(logits, classes),
+            (rpn['proposals'][0], rpn['proposal_logits'][0]))
 
 
 @pytest.fixture(scope='module')
@@ -146,20 +143,19 @@ def ours(golden):
         (loss, outputs), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
 
         def mask_loss_tv(params):
-            logits = model.flax_model.apply({'params': params, 'frozen': frozen}, batch['image'],
-                                            tv_fg_boxes, tv_fg_classes, method=_mask_stage)
+            logits, proposals = model.flax_model.apply(
+                {'params': params, 'frozen': frozen}, batch['image'], batch['image_size'],
+                tv_fg_boxes, tv_fg_classes, method=_reference_stages)
             out = {'mask_logits': logits, 'mask_targets': golden['mask_targets'][None],
                    'mask_valid': jnp.ones(tv_fg_classes.shape, bool)}
-            return losses.mask_loss(out)['mask'], logits
+            return losses.mask_loss(out)['mask'], (logits, proposals)
 
-        (mask_tv, mask_logits), mask_grads = jax.value_and_grad(mask_loss_tv, has_aux=True)(params)
-        proposals, proposal_logits = model.flax_model.apply(
-            {'params': params, 'frozen': frozen}, batch['image'], batch['image_size'],
-            method=_proposals)
+        (mask_tv, (mask_logits, (proposals, proposal_logits))), mask_grads = (
+            jax.value_and_grad(mask_loss_tv, has_aux=True)(params))
         return {'loss': loss, 'metrics': metrics_fn(outputs, batch), 'grads': grads,
                 'mask_loss_tv_targets': mask_tv, 'mask_logits_tv_rois': mask_logits[0],
-                'mask_grads': mask_grads, 'proposals': proposals[0],
-                'proposal_logits': proposal_logits[0],
+                'mask_grads': mask_grads, 'proposals': proposals,
+                'proposal_logits': proposal_logits,
                 'num_fg_masks': outputs['mask_valid'].sum()}
 
     out = jax.device_get(jax.jit(step)(variables['params'], variables['frozen'], batch))
