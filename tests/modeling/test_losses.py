@@ -8,10 +8,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from projects.maskrcnn import losses
+from projects.maskrcnn.model import MaskRCNNModel
 
 # Jitted: one compile is cheaper on CPU than eager dispatch of every op.
 rpn_losses = jax.jit(losses.rpn_losses, static_argnums=1)
@@ -166,8 +168,6 @@ def test_box_loss_l1_detectron2_and_smooth_l1_torchvision():
 
 
 def test_model_config_rpn_normalizer_reaches_the_loss():
-    import ml_collections
-    from projects.maskrcnn.model import MaskRCNNModel
     config = ml_collections.ConfigDict({'model': {'rpn_loss_normalizer': 'sampled'}})
     assert MaskRCNNModel(config, {'num_classes': 2})._loss_settings()[-1] == 'sampled'
     config.model.rpn_loss_normalizer = 'batch_size_per_image'

@@ -31,6 +31,7 @@ from projects.maskrcnn import losses
 from projects.maskrcnn.data import transforms
 from projects.maskrcnn.model import MaskRCNNModel
 from projects.maskrcnn.ops import anchors as anchor_ops
+from projects.maskrcnn.ops import boxes as box_ops
 from projects.maskrcnn.ops import targets as target_ops
 from projects.maskrcnn.tools import convert_checkpoint, random_weights
 
@@ -188,6 +189,11 @@ def test_anchor_labels_and_rpn_targets(golden, ours):
     pos = [slot[int(i)] for i in golden['rpn_pos_index']]
     np.testing.assert_allclose(t['box_targets'][pos], golden['rpn_pos_targets'], rtol=0,
                                atol=TARGET_TOL)
+    # The targets encode torchvision's matched ground truth.
+    matched = box_ops.decode_boxes(jnp.asarray(t['box_targets'][pos]),
+                                   jnp.asarray(golden['rpn_pos_anchors']), rpn.box_weights)
+    np.testing.assert_allclose(matched, golden['gt_boxes'][golden['rpn_pos_matched_gt']],
+                               rtol=0, atol=1e-3)
 
 
 def test_roi_labels_and_targets_from_torchvisions_proposals(golden, ours):
@@ -210,7 +216,6 @@ def test_roi_labels_and_targets_from_torchvisions_proposals(golden, ours):
     np.testing.assert_array_equal(t['matched_gt'][valid][fg], golden['roi_matched_gt'][which][fg])
     matched = batch['gt_boxes'][0][t['matched_gt'][valid]]
     box_weights = ours['config'].model.box_head.box_weights
-    from projects.maskrcnn.ops import boxes as box_ops
     targets = np.asarray(box_ops.encode_boxes(jnp.asarray(matched), jnp.asarray(t['boxes'][valid]),
                                               box_weights))
     np.testing.assert_allclose(targets[fg], golden['roi_targets'][which][fg], rtol=0,
