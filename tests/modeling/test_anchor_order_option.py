@@ -26,8 +26,9 @@ def test_detector_anchors_follow_the_order_option(monkeypatch):
     for order in ('size_major', 'ratio_major'):
         model = MaskRCNN(num_classes=2, fpn=specs.FPNSpec(channels=8),
                          anchors=specs.AnchorSpec(sizes=sizes, order=order))
-        init = lambda f, s: model.init(jax.random.PRNGKey(0), f, s, method=MaskRCNN.propose)  # noqa: E731
-        jax.eval_shape(init, features, image_sizes)
+        jax.eval_shape(lambda f, s, m=model: m.init(jax.random.PRNGKey(0), f, s,
+                                                    method=MaskRCNN.propose),
+                       features, image_sizes)
     size_major, ratio_major = seen[0], seen[-1]
     expected = np.concatenate(original(
         [(32 // 2 ** i,) * 2 for i in range(5)], [4, 8, 16, 32, 64], sizes, (0.5, 1.0, 2.0),
