@@ -15,10 +15,12 @@ ResNet-50 (https://download.pytorch.org/models/resnet50-0676ba61.pth, converted
 the same way) by dropping `--config.eval_only`.
 
 Differences from the Detectron2 base, all torchvision's: stride in the 3x3
-conv, cell anchors rounded to whole pixels, proposals with sides >= 1e-3 and
+conv, cell anchors rounded to whole pixels and ratio-major, proposals with sides >= 1e-3 and
 2000 kept per image in training, RoIAlign with aligned=False and 2 samples per
 bin, torchvision's level epsilon, detections with sides >= 1e-2, smooth-L1
-beta 1/9, training images resized to 800 (no multi-scale). Image statistics are
+beta 1/9, RPN losses divided by the anchors sampled (not by 256 per image),
+soft mask targets (read as aligned=False RoIAlign reads, not thresholded),
+training images resized to 800 (no multi-scale). Image statistics are
 ImageNet's (the base's). The data are configs/maskrcnn_r50_fpn_1x_coco.py's
 (see there how to build the COCO 2017 dataset).
 """
@@ -39,6 +41,7 @@ def get_config():
     m.backbone.norm_eps = 1e-5
     m.backbone.freeze_at = 2           # trainable_backbone_layers=3
     m.anchors.round_cell_anchors = True
+    m.anchors.order = 'ratio_major'    # the RPN head's channel order
     m.rpn.pre_nms_topk_train = 2000
     m.rpn.post_nms_topk_train = 2000
     m.rpn.pre_nms_topk_test = 1000
@@ -55,6 +58,8 @@ def get_config():
     m.test.min_box_size_inclusive = True
     m.rpn_smooth_l1_beta = 1.0 / 9
     m.roi_smooth_l1_beta = 1.0 / 9
+    m.rpn_loss_normalizer = 'sampled'
+    m.mask_head.targets = 'soft'
 
     # 26 epochs of 117k images at batch 16, lr steps at epochs 16 and 22.
     config.num_training_steps = 190_000

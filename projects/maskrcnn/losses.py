@@ -1,15 +1,19 @@
 """Mask R-CNN losses, computed from the detector's training outputs.
 
-Normalisation follows Detectron2: RPN terms are divided by the number of
-sampled anchors (256 per image), box-head terms by the number of sampled RoIs,
-the mask term is the mean over foreground RoIs and pixels. Box regression uses
-smooth L1 with `beta` (0 gives plain L1, Detectron2's default).
+RPN terms are divided by `batch_size_per_image * num_images` (Detectron2's
+`normalizer`; `rpn_normalizer='batch_size_per_image'`) or by the number of
+anchors actually sampled (torchvision's; 'sampled'); the two differ only when
+an image has fewer labelled anchors than its budget. Box-head terms are divided
+by the number of sampled RoIs (both references), the mask term is the mean over
+foreground RoIs and pixels. Box regression uses smooth L1 with `beta` (0 gives
+plain L1, Detectron2's default; torchvision's is 1/9).
 """
 
 import jax.numpy as jnp
 import optax
 
 LOSS_TERMS = ('rpn_cls', 'rpn_box', 'roi_cls', 'roi_box', 'mask')
+RPN_NORMALIZERS = ('sampled', 'batch_size_per_image')
 
 
 def smooth_l1(x: jnp.ndarray, beta: float) -> jnp.ndarray:
@@ -23,10 +27,17 @@ def _safe_div(a, b):
     return a / jnp.maximum(b, 1.0)
 
 
-def rpn_losses(out: dict, beta: float = 0.0) -> dict[str, jnp.ndarray]:
-    """Objectness BCE and box regression over the sampled anchors."""
+def rpn_losses(out: dict, beta: float = 0.0, normalizer: str = 'sampled'
+               ) -> dict[str, jnp.ndarray]:
+    """Objectness BCE and box regression over the sampled anchors.
+
+    `out['rpn_weights']` is [B, batch_size_per_image] (1 for the sampled
+    slots), so 'batch_size_per_image' divides by its size."""
+    if normalizer not in RPN_NORMALIZERS:
+        raise ValueError(f'unknown model.rpn_loss_normalizer {normalizer!r}; '
+                         f'expected one of {RPN_NORMALIZERS}')
     weights = out['rpn_weights']
-    normaliser = weights.sum()
+    normaliser = weights.sum() if normalizer == 'sampled' else float(weights.size)
     bce = optax.sigmoid_binary_cross_entropy(out['rpn_logits'], out['rpn_labels'])
     box = smooth_l1(out['rpn_deltas'] - out['rpn_box_targets'], beta).sum(-1)
     return {
@@ -57,9 +68,11 @@ def mask_loss(out: dict) -> dict[str, jnp.ndarray]:
 
 
 def total_loss(out: dict, weights: dict[str, float], rpn_beta: float = 0.0,
-               roi_beta: float = 0.0) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+               roi_beta: float = 0.0, rpn_normalizer: str = 'sampled'
+               ) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
     """Weighted sum of every term; returns (total, {term: unweighted value})."""
-    terms = {**rpn_losses(out, rpn_beta), **box_head_losses(out, roi_beta), **mask_loss(out)}
+    terms = {**rpn_losses(out, rpn_beta, rpn_normalizer), **box_head_losses(out, roi_beta),
+             **mask_loss(out)}
     total = sum(weights.get(name, 1.0) * value for name, value in terms.items())
     return total, terms
 

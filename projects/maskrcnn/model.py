@@ -12,7 +12,7 @@ from projects.maskrcnn.modeling.detector import MaskRCNN
 from projects.maskrcnn.scenic_compat import BaseModel
 
 # Keys of `config.model` beyond the spec groups of modeling/specs.py.
-LOSS_KEYS = ('loss_weights', 'rpn_smooth_l1_beta', 'roi_smooth_l1_beta')
+LOSS_KEYS = ('loss_weights', 'rpn_smooth_l1_beta', 'roi_smooth_l1_beta', 'rpn_loss_normalizer')
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
@@ -22,6 +22,7 @@ def default_model_config() -> ml_collections.ConfigDict:
     cfg['loss_weights'] = {name: 1.0 for name in losses.LOSS_TERMS}
     cfg['rpn_smooth_l1_beta'] = 0.0
     cfg['roi_smooth_l1_beta'] = 0.0
+    cfg['rpn_loss_normalizer'] = 'batch_size_per_image'   # torchvision: 'sampled'
     return ml_collections.ConfigDict(cfg)
 
 
@@ -62,7 +63,8 @@ class MaskRCNNModel(BaseModel):
             raise KeyError(f'unknown config key(s) model.loss_weights.{sorted(unknown)}; '
                            f'terms are {losses.LOSS_TERMS}')
         return (weights, model_config.get('rpn_smooth_l1_beta', 0.0),
-                model_config.get('roi_smooth_l1_beta', 0.0))
+                model_config.get('roi_smooth_l1_beta', 0.0),
+                model_config.get('rpn_loss_normalizer', 'batch_size_per_image'))
 
     def loss_function(self, outputs: dict, batch: dict,
                       model_params: Any = None) -> jnp.ndarray:
@@ -72,19 +74,18 @@ class MaskRCNNModel(BaseModel):
         so `model_params` is unused.
         """
         del batch, model_params
-        weights, rpn_beta, roi_beta = self._loss_settings()
-        total, _ = losses.total_loss(outputs, weights, rpn_beta, roi_beta)
+        total, _ = losses.total_loss(outputs, *self._loss_settings())
         return total
 
     def get_metrics_fn(self, split: str | None = None) -> Callable[[dict, dict], dict]:
         """Returns fn(outputs, batch) -> {name: scalar}: every loss term, the
         weighted total and sampling statistics (training outputs only)."""
         del split
-        weights, rpn_beta, roi_beta = self._loss_settings()
+        settings = self._loss_settings()
 
         def metrics_fn(outputs, batch):
             del batch
-            total, terms = losses.total_loss(outputs, weights, rpn_beta, roi_beta)
+            total, terms = losses.total_loss(outputs, *settings)
             return {'total_loss': total, **{f'loss_{k}': v for k, v in terms.items()},
                     **losses.count_foreground(outputs)}
 

@@ -8,10 +8,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from projects.maskrcnn import losses
+from projects.maskrcnn.model import MaskRCNNModel
 
 # Jitted: one compile is cheaper on CPU than eager dispatch of every op.
 rpn_losses = jax.jit(losses.rpn_losses, static_argnums=1)
@@ -135,3 +137,45 @@ def test_total_loss_passes_betas_to_the_right_terms(beta):
     _, terms = jax.jit(lambda o: losses.total_loss(o, {}, rpn_beta=beta, roi_beta=0.0))(out)
     np.testing.assert_allclose(terms['rpn_box'], rpn_losses(out, beta)['rpn_box'])
     np.testing.assert_allclose(terms['roi_box'], box_head_losses(out, 0.0)['roi_box'])
+
+
+def test_rpn_normalizer_batch_size_per_image_is_detectron2s():
+    # Detectron2 divides both RPN sums by batch_size_per_image * num_images (here
+    # 4 slots x 2 images = 8), not by the 5 anchors sampled (torchvision's 'sampled').
+    out = _rpn_out()
+    bce_sum = _bce(0, 1) + _bce(0, 0) + _bce(2, 1) + _bce(1, 0) + _bce(-3, 0)
+    l1_sum = 0.5 + 1.0 + 0.0 + 2.0 + 0.4
+    got = jax.jit(lambda o: losses.rpn_losses(o, 0.0, 'batch_size_per_image'))(out)
+    np.testing.assert_allclose(got['rpn_cls'], bce_sum / 8, rtol=1e-5)
+    np.testing.assert_allclose(got['rpn_box'], l1_sum / 8, rtol=1e-5)
+    _, terms = jax.jit(lambda o: losses.total_loss(
+        o, {}, rpn_normalizer='batch_size_per_image'))({**out, **_box_out(),
+           'mask_logits': jnp.zeros((1, 1, 2, 2)), 'mask_targets': jnp.ones((1, 1, 2, 2)),
+           'mask_valid': jnp.array([[True]])})
+    np.testing.assert_allclose(terms['rpn_cls'], bce_sum / 8, rtol=1e-5)
+    with pytest.raises(ValueError, match='rpn_loss_normalizer'):
+        losses.rpn_losses(out, 0.0, 'per_anchor')
+
+
+def test_box_loss_l1_detectron2_and_smooth_l1_torchvision():
+    # The same deltas (0.5, -0.5, 2, 0) of the one positive RoI, over 2 sampled RoIs:
+    # Detectron2's L1 sums |d|; torchvision's smooth L1 with beta 1/9 gives
+    # |d| - 1/18 wherever |d| >= 1/9 and d^2 * 9 / 2 below (0 here).
+    out = _box_out()
+    np.testing.assert_allclose(box_head_losses(out, 0.0)['roi_box'], 3.0 / 2, rtol=1e-6)
+    expected = ((0.5 - 1 / 18) * 2 + (2.0 - 1 / 18)) / 2
+    np.testing.assert_allclose(box_head_losses(out, 1 / 9)['roi_box'], expected, rtol=1e-6)
+
+
+def test_model_config_rpn_normalizer_reaches_the_loss():
+    config = ml_collections.ConfigDict({'model': {'rpn_loss_normalizer': 'sampled'}})
+    assert MaskRCNNModel(config, {'num_classes': 2})._loss_settings()[-1] == 'sampled'
+    config.model.rpn_loss_normalizer = 'batch_size_per_image'
+    out = {**_rpn_out(), **_box_out(), 'mask_logits': jnp.zeros((1, 1, 2, 2)),
+           'mask_targets': jnp.ones((1, 1, 2, 2)), 'mask_valid': jnp.array([[True]])}
+    model = MaskRCNNModel(config, {'num_classes': 2})
+    total = jax.jit(model.loss_function)(out, {})
+    _, terms = losses.total_loss(out, {}, rpn_normalizer='batch_size_per_image')
+    np.testing.assert_allclose(total, sum(terms.values()), rtol=1e-6)
+    np.testing.assert_allclose(terms['rpn_box'], (0.5 + 1.0 + 0.0 + 2.0 + 0.4) / 8,
+                               rtol=1e-5)

@@ -175,7 +175,7 @@ class MaskRCNN(nn.Module):
         a = self.anchors
         anchors = anchor_ops.pyramid_anchors(
             [f.shape[1:3] for f in features], _strides(len(features)), a.sizes,
-            a.aspect_ratios, a.offset, a.round_cell_anchors)
+            a.aspect_ratios, a.offset, a.round_cell_anchors, a.order)
         logits, deltas = self.rpn_head(features)
         proposals, valid, scores = generate_proposals(
             logits, deltas, anchors, image_sizes.astype(jnp.float32), self.rpn, train,
@@ -249,7 +249,7 @@ class MaskRCNN(nn.Module):
             self._pool(features, strides, fg_boxes, r.mask_resolution), train=True)
         mask_size = mask_logits.shape[2]
         mask_targets = jax.vmap(lambda m, gb, mi, rb: target_ops.mask_targets(
-            m, gb, mi, rb, mask_size))(gt['gt_masks'], gt['gt_boxes'], fg_matched, fg_boxes)
+            m, gb, mi, rb, mask_size, self.mask_head.targets))(gt['gt_masks'], gt['gt_boxes'], fg_matched, fg_boxes)
         if 'gt_has_mask' in gt:  # box-only annotations give no mask target
             fg_valid = fg_valid & jnp.take_along_axis(gt['gt_has_mask'], fg_matched, axis=1)
         return {

@@ -29,6 +29,7 @@ class AnchorSpec:
     aspect_ratios: tuple = (0.5, 1.0, 2.0)
     offset: float = 0.0
     round_cell_anchors: bool = False  # torchvision rounds its cell anchors to integers
+    order: str = 'size_major'         # cell anchors' order; torchvision's is 'ratio_major'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +87,7 @@ class MaskHeadSpec:
     upsample: str = 'deconv'         # or 'bilinear'
     norm: str = 'none'
     num_fg_slots: int = 128          # RoIs given to the mask head in training
+    targets: str = 'hard'            # or 'soft', torchvision's (see ops/targets.py)
     class_agnostic: bool = False
 
 

@@ -105,17 +105,37 @@ def select_foreground(roi: dict[str, jnp.ndarray], num_slots: int
     return order, roi['is_positive'][order]
 
 
+MASK_TARGET_MODES = ('hard', 'soft')
+SOFT_TARGET_SAMPLES = 3   # per target pixel and axis, in 'soft' mode
+
+
 def mask_targets(gt_masks: jnp.ndarray, gt_boxes: jnp.ndarray, matched_gt: jnp.ndarray,
-                 roi_boxes: jnp.ndarray, mask_size: int) -> jnp.ndarray:
-    """Binary mask targets of RoIs: each matched ground-truth mask read at the RoI box.
+                 roi_boxes: jnp.ndarray, mask_size: int, mode: str = 'hard') -> jnp.ndarray:
+    """Mask targets of RoIs: each matched ground-truth mask read at the RoI box.
+
+    'hard' (Detectron2's and tensorflow/tpu's convention): one bilinear sample
+    at each target pixel's centre, thresholded at 0.5. 'soft' (torchvision's
+    `project_masks_on_boxes`, approximated from the crops): the box read as
+    torchvision's aligned=False RoIAlign reads it, half a pixel down and right,
+    SOFT_TARGET_SAMPLES**2 samples averaged per target pixel, not thresholded.
 
     Args:
       gt_masks: [M, S, S] crops of the ground-truth masks to their boxes.
       gt_boxes: [M, 4]. matched_gt: [R] indices. roi_boxes: [R, 4].
+      mode: 'hard' or 'soft'.
 
     Returns:
-      [R, mask_size, mask_size] float32 in {0, 1}.
+      [R, mask_size, mask_size] float32, in {0, 1} ('hard') or [0, 1] ('soft').
     """
-    crops = roi_align.crop_and_resize_masks(
-        gt_masks[matched_gt], gt_boxes[matched_gt], roi_boxes, mask_size)
-    return (crops >= 0.5).astype(jnp.float32)
+    if mode not in MASK_TARGET_MODES:
+        raise ValueError(f'unknown mask target mode {mode!r} (model.mask_head.targets); '
+                         f'expected one of {MASK_TARGET_MODES}')
+    masks, boxes = gt_masks[matched_gt], gt_boxes[matched_gt]
+    if mode == 'hard':
+        crops = roi_align.crop_and_resize_masks(masks, boxes, roi_boxes, mask_size)
+        return (crops >= 0.5).astype(jnp.float32)
+    # aligned=False puts pixel k's centre at k, where the crops put it at k + 0.5.
+    n = SOFT_TARGET_SAMPLES
+    crops = roi_align.crop_and_resize_masks(masks, boxes, roi_boxes + 0.5, mask_size * n)
+    r = crops.shape[0]
+    return crops.reshape(r, mask_size, n, mask_size, n).mean(axis=(2, 4))

@@ -47,6 +47,8 @@ import numpy as np
 from projects.maskrcnn.tools import name_maps, safe_load, vit_name_maps
 
 SOURCES = ('torchvision', 'detectron2', 'mae')
+# The cell-anchor order of each source's RPN channels (model.anchors.order).
+ANCHOR_ORDER = {'torchvision': 'ratio_major', 'detectron2': 'size_major'}
 # The 80 category ids of COCO 2017, in the annotation file's order.
 COCO_CATEGORY_IDS = (
     1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
@@ -234,6 +236,9 @@ def convert(state: Mapping[str, np.ndarray], source: str, *,
         _set(variables, path, array)
         loaded[name] = '/'.join(path)
     notes += _fill_missing_statistics(variables)
+    if any(t.module[:1] == ('rpn_head',) for t in targets.values()):
+        notes.append(f"RPN channels in {source}'s cell-anchor order: "
+                     f"model.anchors.order='{ANCHOR_ORDER[source]}'")
     return Conversion(variables, loaded, sorted(unused), sorted(ignored), notes)
 
 

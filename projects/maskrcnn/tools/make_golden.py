@@ -4,7 +4,9 @@
 
 Needs torch==2.14.1, torchvision==0.29.1, numpy and imgviz (run from the
 repository root). It imports neither jax nor any project module that does: the
-only project import is random_weights.py (numpy).
+only project imports are random_weights.py (numpy) and training_golden.py.
+A second run writes the same bytes: the weights and the sampling are seeded,
+and the .npz archives carry no timestamps.
 
 Writes:
 - maskrcnn_r50_fpn_torchvision.npz: torchvision's `maskrcnn_resnet50_fpn`
@@ -16,6 +18,9 @@ Writes:
   boxes, box-head outputs, detections, mask probabilities and pasted masks.
   The (name, shape) list of the state dict is stored, so the weights can be
   drawn again without torch.
+- maskrcnn_r50_fpn_torchvision_train.npz: one training step of torchvision's
+  training model on the same photo and its 19 instances, stage by stage (see
+  training_golden.py).
 - torchvision_tiny_maskrcnn.pth: `torch.save` of the state dict of a tiny
   torchvision MaskRCNN (ResNet-50 layout of width 1, FPN of 4 channels, 2
   classes) filled by random_weights.py with seed TINY_SEED: a real torch file
@@ -26,12 +31,14 @@ Writes:
 
 import argparse
 import hashlib
+import io
 import json
 import os
+import zipfile
 
 import numpy as np
 
-from projects.maskrcnn.tools import random_weights
+from projects.maskrcnn.tools import random_weights, training_golden
 
 SEED = 0
 TINY_SEED = 1
@@ -166,6 +173,18 @@ def run_reference(model, image: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
+def save_npz(path: str, arrays: dict[str, np.ndarray]) -> None:
+    """`np.savez_compressed` without its per-member timestamps, so that the same
+    arrays always give the same bytes."""
+    with zipfile.ZipFile(path, 'w', zipfile.ZIP_DEFLATED) as archive:
+        for name in sorted(arrays):
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, np.asanyarray(arrays[name]), allow_pickle=False)
+            info = zipfile.ZipInfo(f'{name}.npy', date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, buffer.getvalue())
+
+
 def write_parity_golden(path: str) -> None:
     import torch
     import torchvision
@@ -181,7 +200,7 @@ def write_parity_golden(path: str) -> None:
         'feature_channels': np.array(FEATURE_CHANNELS),
         'versions': np.array(f'torch {torch.__version__}, torchvision {torchvision.__version__}'),
     })
-    np.savez_compressed(path, **out)
+    save_npz(path, out)
 
 
 def tiny_reference():
@@ -248,6 +267,8 @@ def main() -> None:
     write_layouts_pth(os.path.join(args.out_dir, 'torch_layouts.pth'))
     write_tiny_pth(os.path.join(args.out_dir, 'torchvision_tiny_maskrcnn.pth'))
     write_parity_golden(os.path.join(args.out_dir, 'maskrcnn_r50_fpn_torchvision.npz'))
+    training_golden.write_training_golden(
+        os.path.join(args.out_dir, 'maskrcnn_r50_fpn_torchvision_train.npz'), save_npz)
     for name in sorted(os.listdir(args.out_dir)):
         print(f'{name}: {os.path.getsize(os.path.join(args.out_dir, name)) / 1024:.0f} KiB')
 
