@@ -4,10 +4,11 @@ import json
 import os
 import pathlib
 
+import jax
 import numpy as np
 import pytest
 
-from projects.maskrcnn import checkpoint_io
+from projects.maskrcnn import checkpoint_io, trainer
 from projects.maskrcnn.tools import convert_checkpoint
 from tests import tiny_shapes_config
 from tests.test_predict import save_random_checkpoint
@@ -67,3 +68,17 @@ def test_anything_else_is_an_error_naming_the_path_and_the_four_kinds(tmp_path, 
     expected = {'empty': 'an empty directory', 'missing': 'does not exist',
                 'unfinished_step': 'holding checkpoints', 'file': 'a file'}[make]
     assert expected in message
+
+
+def test_init_from_takes_a_training_workdir_and_names_the_kinds_otherwise(workdir, tmp_path):
+    restored = checkpoint_io.restore(checkpoint_io.locate(workdir))
+    params = jax.tree_util.tree_map(np.zeros_like, restored['params'])
+    state = jax.tree_util.tree_map(np.zeros_like, restored['model_state'])
+    params, state = trainer.load_init_checkpoint(workdir, params, state)
+    for got, want in zip(jax.tree_util.tree_leaves((params, state)),
+                         jax.tree_util.tree_leaves((restored['params'],
+                                                    restored['model_state']))):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(FileNotFoundError, match='init_from.checkpoint_path: .* is not a '
+                                                'checkpoint.*a converted checkpoint directory'):
+        trainer.load_init_checkpoint(str(tmp_path), params, state)

@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from configs import base, maskrcnn_r50_fpn_1x_detectron2_coco, maskrcnn_r50_fpn_torchvision_coco
+from configs import (
+    base,
+    maskrcnn_r50_fpn_1x_detectron2_coco,
+    maskrcnn_r50_fpn_torchvision_coco,
+)
 from projects.maskrcnn import export, predict, serving_loader
 from projects.maskrcnn.data import input_pipeline, transforms
 

@@ -160,7 +160,7 @@ def test_predict_command_on_converted_weights_equals_the_in_process_model(tmp_pa
                '--config.model.test.score_threshold=0.0',
                f'--config.dataset_configs.eval_min_size={h}',
                f'--config.dataset_configs.max_size={w}']
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)
+    result = subprocess.run(command, check=False, capture_output=True, text=True, cwd=REPO, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(out / 'predictions.json', encoding='utf-8') as f:
         got = json.load(f)

