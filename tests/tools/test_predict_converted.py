@@ -80,6 +80,10 @@ def test_the_converter_writes_the_coco_categories(converted, tmp_path):
     every = cc.convert(coco_heads(state), 'torchvision', all_classes=True)
     assert every.categories == list(coco_categories.ALL_90)
     assert every.categories[11] == (12, 'street sign')
+    # Detectron2's COCO heads: 80 foreground outputs in id order, background last.
+    assert cc.coco_categories_of('detectron2', 80, range(80)) == list(coco_categories.CATEGORIES)
+    assert cc.coco_categories_of('detectron2', 2, range(2)) is None
+    assert cc.coco_categories_of('torchvision', 2, [1, 2]) is None
     backbone = {k[len('backbone.body.'):]: v for k, v in state.items()
                 if k.startswith('backbone.body.')}
     assert cc.convert(backbone, 'torchvision').categories is None
