@@ -29,6 +29,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.dataset_configs.lsj_scale_range = (0.1, 2.0)
     # 'BGR' for Detectron2's MSRA weights (mean/std then given in BGR order).
     config.dataset_configs.channel_order = 'RGB'
+    # Resized size made whole as Detectron2 does (int(x + 0.5)), whose conventions the
+    # base follows; 'floor' for torchvision's weights (its GeneralizedRCNNTransform).
+    config.dataset_configs.resize_rounding = 'round'
     # torchvision's ImageNet statistics in 0-255 RGB units.
     config.dataset_configs.pixel_mean = (123.675, 116.28, 103.53)
     config.dataset_configs.pixel_std = (58.395, 57.12, 57.375)

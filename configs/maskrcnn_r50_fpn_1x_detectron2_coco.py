@@ -31,6 +31,7 @@ def get_config():
     d = config.dataset_configs
     d.pixel_mean = (123.675, 116.28, 103.53)   # Detectron2's BGR mean, reversed
     d.pixel_std = (1.0, 1.0, 1.0)
+    d.resize_rounding = 'round'  # ResizeShortestEdge: int(size * scale + 0.5)
 
     m = config.model
     m.backbone.depth = 50

@@ -34,6 +34,7 @@ def get_config():
     config.experiment_name = 'maskrcnn_r50_fpn_torchvision_coco'
     d = config.dataset_configs
     d.train_min_sizes = (800,)
+    d.resize_rounding = 'floor'  # GeneralizedRCNNTransform floors the resized size
 
     m = config.model
     m.backbone.stride_in_1x1 = False

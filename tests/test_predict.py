@@ -119,7 +119,7 @@ def test_image_results_are_in_original_pixels_with_names():
                'detection_valid': np.asarray([True, True, False]),
                'detection_masks': masks}
     results = predict.image_results(
-        outputs, image_id=4, file_name='a.jpg', orig_size=(100, 120), scale=0.5,
+        outputs, image_id=4, file_name='a.jpg', orig_size=(100, 120), image_size=(50, 60),
         category_ids=[5, 7, 9], category_names=NAMES, score_threshold=0.5)
     assert len(results) == 1  # score 0.3 and the invalid detection are dropped
     r = results[0]
@@ -138,7 +138,7 @@ def test_a_config_that_does_not_fit_the_checkpoint_is_named(workdir):
     model = predict.build_model(config, 3)
     with pytest.raises(ValueError, match='params/neck/lateral_c2/bias: checkpoint'):
         predict.restore_variables(workdir, model, (64, 64))
-    with pytest.raises(FileNotFoundError, match='no orbax checkpoint'):
+    with pytest.raises(FileNotFoundError, match='is not a checkpoint'):
         predict.restore_variables(os.path.dirname(workdir), model, (64, 64))
 
 
@@ -220,7 +220,7 @@ def test_predict_command_on_photos_with_a_corrupt_file(workdir, tmp_path):
         im = images[name]
         expected = predict.image_results(
             {k: v[i] for k, v in outputs.items()}, image_id=im['id'], file_name=name,
-            orig_size=(im['height'], im['width']), scale=entries[i]['scale'],
+            orig_size=(im['height'], im['width']), image_size=entries[i]['image_size'],
             category_ids=[1, 2, 3], category_names=NAMES, score_threshold=0.0)
         got = [a for a in anns if a['image_id'] == im['id']]
         assert len(got) == len(expected) > 0

@@ -49,7 +49,7 @@ def image_detections_to_coco(
     masks: np.ndarray | None,
     image_id: int,
     orig_size: tuple[int, int],
-    image_scale: float,
+    image_scale: float | tuple[float, float],
     category_ids: np.ndarray,
     mask_threshold: float = 0.5,
 ) -> list[dict[str, Any]]:
@@ -62,7 +62,8 @@ def image_detections_to_coco(
       masks: [D, m, m] mask probabilities in box coordinates, or None.
       image_id: the dataset's image id.
       orig_size: (height, width) of the original image.
-      image_scale: resized / original size.
+      image_scale: resized / original size: one scale, or (height, width) scales
+        to map each axis back by its own ratio.
       category_ids: [K] the dataset's category id of each label.
       mask_threshold: probability at or above which a pixel is in the mask.
 
@@ -75,7 +76,8 @@ def image_detections_to_coco(
         raise ValueError(f'Labels must lie in 1..{len(category_ids)}, got '
                          f'{labels.min()}..{labels.max()}.')
     height, width = int(orig_size[0]), int(orig_size[1])
-    boxes = boxes_xyxy.astype(np.float64) / float(image_scale)
+    scale_y, scale_x = np.broadcast_to(np.asarray(image_scale, np.float64), (2,))
+    boxes = boxes_xyxy.astype(np.float64) / np.asarray([scale_x, scale_y, scale_x, scale_y])
     # The masks live in the predicted boxes, so they are pasted into the
     # unclipped boxes; only the reported boxes are clipped.
     clipped = np.clip(boxes, 0.0, [width, height, width, height])

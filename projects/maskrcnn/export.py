@@ -34,6 +34,19 @@ from projects.maskrcnn.native import onednn
 FORMAT_VERSION = 1
 
 
+def preprocessing_metadata(settings: dict[str, Any]) -> dict[str, Any]:
+    """What `serving_loader.preprocess` needs of the dataset settings: normalisation,
+    sizes and the weights' resize rule."""
+    return {
+        'pixel_mean': [float(v) for v in settings['pixel_mean']],
+        'pixel_std': [float(v) for v in settings['pixel_std']],
+        'channel_order': settings.get('channel_order', 'RGB'),
+        'eval_min_size': float(settings['eval_min_size']),
+        'max_size': float(settings['max_size']),
+        'resize_rounding': settings['resize_rounding'],
+    }
+
+
 def _serving_function(model, treedef):
     def serve(flat_params, images, image_sizes):
         variables = jax.tree_util.tree_unflatten(treedef, flat_params)
@@ -50,7 +63,8 @@ def export_model(config: ml_collections.ConfigDict, checkpoint: str, output_dir:
 
     Args:
       config: the training config.
-      checkpoint: training workdir, its checkpoints/ directory or a step directory.
+      checkpoint: training workdir, its checkpoints/ directory, a step directory or a
+        converted checkpoint directory (see `checkpoint_io.locate`).
       output_dir: where model.jax, params.npz and metadata.json go.
       batch_size, height, width: the fixed input shape; default eval_batch_size and
         the config's padded image size. H and W must be multiples of the largest
@@ -94,11 +108,7 @@ def export_model(config: ml_collections.ConfigDict, checkpoint: str, output_dir:
                    'image_sizes': {'shape': [batch_size, 2], 'dtype': 'int32'}},
         'outputs': {k: {'shape': list(v.shape), 'dtype': str(v.dtype)}
                     for k, v in outputs.items()},
-        'pixel_mean': [float(v) for v in settings['pixel_mean']],
-        'pixel_std': [float(v) for v in settings['pixel_std']],
-        'channel_order': settings.get('channel_order', 'RGB'),
-        'eval_min_size': float(settings['eval_min_size']),
-        'max_size': float(settings['max_size']),
+        **preprocessing_metadata(settings),
         'class_names': list(category_names),
         'category_ids': [int(i) for i in category_ids],
         'model_score_threshold': float(model.flax_model.test.score_threshold),
@@ -120,8 +130,9 @@ def _define_flags() -> None:
     # Defined only when run as a program (see predict._define_flags).
     config_flags.DEFINE_config_file('config', None, 'The training config file.',
                                     lock_config=False)
-    flags.DEFINE_string('checkpoint', None, 'Training workdir, its checkpoints/ directory '
-                        'or one step directory; the latest step is used.')
+    flags.DEFINE_string('checkpoint', None, 'Training workdir, its checkpoints/ directory, '
+                        'one step directory (the latest step is used) or a converted '
+                        'checkpoint directory.')
     flags.DEFINE_string('output', None, 'Directory for model.jax, params.npz, metadata.json.')
     flags.DEFINE_integer('batch_size', None, 'Fixed batch size; default eval_batch_size.')
     flags.DEFINE_integer('height', None, 'Fixed padded height; default the config\'s.')
@@ -129,7 +140,7 @@ def _define_flags() -> None:
     flags.DEFINE_list('platforms', None, 'Platforms to export for, e.g. cpu,cuda; '
                       'default the one JAX runs on here.')
     flags.DEFINE_string('categories', None, 'json with a COCO "categories" list; default '
-                        'categories.json of the training workdir.')
+                        'the checkpoint\'s categories.json.')
     flags.DEFINE_float('score_threshold', 0.5, 'Suggested display threshold (metadata).')
     flags.mark_flags_as_required(['config', 'checkpoint', 'output'])
 

@@ -5,7 +5,8 @@
       [--score_threshold=0.5] [--image_sizes=800x1344,1344x1344] [--config.key=value]
 
 Images of any size are resized as in evaluation (shortest side `eval_min_size`,
-longest at most `max_size`), padded into the smallest static size that holds them
+longest at most `max_size`, the size made whole by `dataset_configs.resize_rounding`:
+'floor' for torchvision's weights, 'round' for Detectron2's), padded into the smallest static size that holds them
 (`--image_sizes`, default the config's `dataset_configs.image_size`; one compiled
 program per size) and batched by `eval_batch_size`. The output directory gets:
 
@@ -20,10 +21,14 @@ Only detections with score >= --score_threshold are written and drawn. Images ar
 turned upright by their EXIF orientation first (as Detectron2's `read_image` does),
 so coordinates refer to the upright image.
 
+`--checkpoint` is any checkpoint `checkpoint_io.locate` accepts: a training
+workdir, its checkpoints/ folder, one step directory, or a directory written by
+tools/convert_checkpoint.py (published torchvision or Detectron2 weights).
+
 Category ids and names come from `--categories` (a json with a COCO "categories"
-list, e.g. the training set's annotations file), else from the `categories.json`
-that training writes into its workdir, else they are 'class 1'..'class K' with
-ids 1..K.
+list, e.g. the training set's annotations file), else from the checkpoint's
+`categories.json` (written by training into its workdir, and by the converter for
+COCO heads), else they are 'class 1'..'class K' with ids 1..K.
 """
 
 import json
@@ -36,16 +41,15 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
-import orbax.checkpoint as ocp
 from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 import tqdm
 
-from projects.maskrcnn import evaluation, serving_loader, visualization
+from projects.maskrcnn import checkpoint_io, evaluation, serving_loader, visualization
 from projects.maskrcnn.data import coco_json, dataset as dataset_lib
 from projects.maskrcnn.model import MaskRCNNModel
 
-CATEGORIES_FILENAME = 'categories.json'
+CATEGORIES_FILENAME = checkpoint_io.CATEGORIES_FILENAME
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp', '.tif', '.tiff',
                     '.ppm', '.pgm')
 
@@ -86,69 +90,49 @@ def write_categories(directory: str, category_ids: Sequence[int],
 
 def load_categories(checkpoint: str, categories_file: str | None = None
                     ) -> tuple[list[int], list[str]]:
-    """Category ids and names in label order: from `categories_file`, else from
-    categories.json in the checkpoint directory or above it (the training workdir),
-    else 'class 1'..'class K' with ids 1..K, K read from the checkpoint."""
+    """Category ids and names in label order: from `categories_file`, else from the
+    checkpoint's categories.json (its training workdir's, or the one the converter
+    wrote), else 'class 1'..'class K' with ids 1..K, K read from the checkpoint."""
     if categories_file:
         return read_categories(categories_file)
-    checkpoint = os.path.abspath(checkpoint)
-    for directory in (checkpoint, os.path.dirname(checkpoint),
-                      os.path.dirname(os.path.dirname(checkpoint))):
-        path = os.path.join(directory, CATEGORIES_FILENAME)
-        if os.path.exists(path):
-            return read_categories(path)
-    tree = _checkpoint_tree(_step_item_dir(checkpoint))
-    num_classes = int(tree['params']['box_predictor']['cls_score']['kernel'].shape[-1]) - 1
-    logging.warning('No %s next to %s and no --categories: naming the %d classes '
+    located = checkpoint_io.locate(checkpoint)
+    if located.categories_file:
+        return read_categories(located.categories_file)
+    num_classes = checkpoint_io.num_classes(located)
+    if num_classes is None:
+        raise ValueError(f'{checkpoint} has no box classifier (a backbone-only checkpoint?): '
+                         f'predict needs a whole detector')
+    logging.warning('No %s with %s and no --categories: naming the %d classes '
                     '"class 1".."class %d", with category ids 1..%d.', CATEGORIES_FILENAME,
                     checkpoint, num_classes, num_classes, num_classes)
     return list(range(1, num_classes + 1)), [f'class {k}' for k in range(1, num_classes + 1)]
 
 
-def _step_item_dir(checkpoint: str) -> str:
-    """The orbax item directory of the latest step under a training workdir, its
-    checkpoints/ directory, or one step directory."""
-    path = os.path.abspath(checkpoint)
-    if os.path.isdir(os.path.join(path, 'default')):  # a step directory
-        return os.path.join(path, 'default')
-    if os.path.isdir(os.path.join(path, 'checkpoints')):
-        path = os.path.join(path, 'checkpoints')
-    # Finished steps only: orbax writes a step under a temporary name and renames it.
-    steps = [int(d) for d in os.listdir(path) if d.isdigit()
-             and os.path.isdir(os.path.join(path, d, 'default'))] if os.path.isdir(path) else []
-    if not steps:
-        raise FileNotFoundError(f'no orbax checkpoint in {checkpoint} (looked for step '
-                                f'directories in {path})')
-    return os.path.join(path, str(max(steps)), 'default')
-
-
-def _checkpoint_tree(item_dir: str) -> dict[str, Any]:
-    """The saved TrainState's tree of array metadata (shapes, dtypes); reads no arrays."""
-    return ocp.PyTreeCheckpointer().metadata(item_dir).item_metadata.tree
-
-
 def restore_variables(checkpoint: str, model: MaskRCNNModel,
                       padded_size: Sequence[int]) -> dict[str, Any]:
-    """The detector's variables ({'params', ...model_state}) from a training checkpoint.
+    """The detector's variables ({'params', ...model_state}) from any checkpoint
+    `checkpoint_io.locate` accepts, as numpy, with exactly the model's arrays.
 
-    Only `params` and `model_state` of the trainer's `TrainState` are read (as numpy).
     Raises ValueError naming the arrays whose shapes differ from what `model` builds,
     e.g. when the config is not the one the checkpoint was trained with.
     """
-    item_dir = _step_item_dir(checkpoint)
-    tree = _checkpoint_tree(item_dir)
-    item = {'params': tree['params'], 'model_state': tree.get('model_state') or {}}
-    restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
-                                          item)
-    restored = ocp.PyTreeCheckpointer().restore(item_dir, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=restore_args, partial_restore=True))
-    variables = {'params': restored['params'], **(restored.get('model_state') or {})}
+    located = checkpoint_io.locate(checkpoint)
+    restored = checkpoint_io.restore(located)
+    variables = {'params': restored['params'], **restored['model_state']}
     expected = jax.eval_shape(lambda: model.flax_model.init(
         jax.random.PRNGKey(0), np.zeros((1, *padded_size, 3), np.float32),
         np.asarray([padded_size], np.int32), train=False))
-    _check_shapes(variables, expected, item_dir)
-    logging.info('Restored parameters from %s', item_dir)
-    return variables
+    _check_shapes(variables, expected, located.item_dir)
+    logging.info('Restored parameters from %s (%s)', located.item_dir, located.kind)
+    # A converted checkpoint carries both batch-norm layouts; keep the model's arrays only.
+    return _select_like(variables, expected)
+
+
+def _select_like(tree: Any, like: Any) -> Any:
+    """The entries of nested dict `tree` at the keys of `like` (same nesting)."""
+    if not hasattr(like, 'items'):
+        return tree
+    return {k: _select_like(tree[k], v) for k, v in like.items()}
 
 
 def _check_shapes(variables: Any, expected: Any, where: str) -> None:
@@ -209,11 +193,12 @@ def parse_image_sizes(text: str | None, default: Sequence[int]) -> list[tuple[in
 
 
 def choose_size(height: int, width: int, sizes: Sequence[Sequence[int]], min_size: float,
-                max_size: float) -> tuple[int, int]:
+                max_size: float, resize_rounding: str = 'round') -> tuple[int, int]:
     """The smallest padded size (by area) that holds the resized image unshrunk; if none
     does, the largest (where the image is shrunk further to fit, as in the pipeline)."""
     unbounded = (1 << 30, 1 << 30)
-    _, new_h, new_w = serving_loader.resize_scale(height, width, min_size, max_size, unbounded)
+    _, new_h, new_w = serving_loader.resize_scale(height, width, min_size, max_size, unbounded,
+                                                  resize_rounding)
     by_area = sorted((tuple(s) for s in sizes), key=lambda s: s[0] * s[1])
     for size in by_area:
         if new_h <= size[0] and new_w <= size[1]:
@@ -221,24 +206,44 @@ def choose_size(height: int, width: int, sizes: Sequence[Sequence[int]], min_siz
     return by_area[-1]
 
 
+def preprocess_image(image: np.ndarray, settings: dict[str, Any],
+                     sizes: Sequence[Sequence[int]]
+                     ) -> tuple[tuple[int, int], np.ndarray, np.ndarray, float]:
+    """(padded size, model input [H, W, 3], image_size [2], scale) of one uint8 RGB
+    image, resized by the dataset `settings` (`dataset_settings`) into one of `sizes`."""
+    s = settings
+    size = choose_size(image.shape[0], image.shape[1], sizes, s['eval_min_size'],
+                       s['max_size'], s['resize_rounding'])
+    inputs, image_size, scale = serving_loader.preprocess(
+        image, padded_size=size, min_size=s['eval_min_size'], max_size=s['max_size'],
+        pixel_mean=s['pixel_mean'], pixel_std=s['pixel_std'],
+        channel_order=s.get('channel_order', 'RGB'), resize_rounding=s['resize_rounding'])
+    return size, inputs, image_size, scale
+
+
 # ----------------------------------------------------------------------------
 # Detections to results and pictures
 # ----------------------------------------------------------------------------
 
 def image_results(outputs: dict[str, np.ndarray], *, image_id: int, file_name: str,
-                  orig_size: Sequence[int], scale: float, category_ids: Sequence[int],
-                  category_names: Sequence[str], score_threshold: float
-                  ) -> list[dict[str, Any]]:
+                  orig_size: Sequence[int], image_size: Sequence[int],
+                  category_ids: Sequence[int], category_names: Sequence[str],
+                  score_threshold: float) -> list[dict[str, Any]]:
     """COCO results of one image's detections (the detector's outputs without the batch
-    dimension), with `file_name` and `category_name` added; see `evaluation`."""
+    dimension), with `file_name` and `category_name` added; see `evaluation`.
+
+    Boxes go back to the original pixels per axis (orig_size / image_size, the
+    resized (height, width)), as torchvision and Detectron2 map them.
+    """
+    ratio = np.asarray(image_size, np.float64) / np.asarray(orig_size, np.float64)
     classes = np.asarray(outputs['detection_classes']).astype(np.int64)
     scores = np.asarray(outputs['detection_scores'])
     keep = (np.asarray(outputs['detection_valid'], bool) & (classes > 0)
             & (scores >= score_threshold))
     results = evaluation.image_detections_to_coco(
         np.asarray(outputs['detection_boxes'])[keep], scores[keep], classes[keep],
-        np.asarray(outputs['detection_masks'])[keep], image_id, tuple(orig_size), scale,
-        np.asarray(category_ids))
+        np.asarray(outputs['detection_masks'])[keep], image_id, tuple(orig_size),
+        (float(ratio[0]), float(ratio[1])), np.asarray(category_ids))
     for result, label in zip(results, classes[keep]):
         result['file_name'] = file_name
         result['category_name'] = category_names[label - 1]
@@ -295,14 +300,7 @@ class Predictor:
     def preprocess(self, image: np.ndarray) -> tuple[tuple[int, int], np.ndarray, np.ndarray,
                                                       float]:
         """(padded size, model input [H, W, 3], image_size [2], scale) of one image."""
-        s = self.settings
-        size = choose_size(image.shape[0], image.shape[1], self.sizes, s['eval_min_size'],
-                           s['max_size'])
-        inputs, image_size, scale = serving_loader.preprocess(
-            image, padded_size=size, min_size=s['eval_min_size'], max_size=s['max_size'],
-            pixel_mean=s['pixel_mean'], pixel_std=s['pixel_std'],
-            channel_order=s.get('channel_order', 'RGB'))
-        return size, inputs, image_size, scale
+        return preprocess_image(image, self.settings, self.sizes)
 
     def _dispatch(self, size: tuple[int, int], entries: list[dict[str, Any]]):
         """Starts the model on up to batch_size entries (zero-padded, as in evaluation)."""
@@ -367,7 +365,8 @@ class Predictor:
         file_name = os.path.basename(entry['path'])
         results = image_results(
             outputs, image_id=entry['image_id'], file_name=file_name,
-            orig_size=image.shape[:2], scale=entry['scale'], category_ids=self.category_ids,
+            orig_size=image.shape[:2], image_size=entry['image_size'],
+            category_ids=self.category_ids,
             category_names=self.category_names, score_threshold=score_threshold)
         png = _png_name(entry['path'], png_names)
         Image.fromarray(draw_results(image, results, self.category_ids,
@@ -415,15 +414,16 @@ def _define_flags() -> None:
     # another one that defines --config (main.py's runtime) is fine.
     config_flags.DEFINE_config_file('config', None, 'The training config file.',
                                     lock_config=False)
-    flags.DEFINE_string('checkpoint', None, 'Training workdir, its checkpoints/ directory '
-                        'or one step directory; the latest step is used.')
+    flags.DEFINE_string('checkpoint', None, 'Training workdir, its checkpoints/ directory, '
+                        'one step directory (the latest step is used) or a converted '
+                        'checkpoint directory.')
     flags.DEFINE_string('input', None, 'An image file or a directory of images.')
     flags.DEFINE_string('output', None, 'Directory for the outputs.')
     flags.DEFINE_float('score_threshold', 0.5, 'Smallest score written and drawn.')
     flags.DEFINE_string('image_sizes', None, 'Static padded sizes, "HxW,HxW"; default '
                         'the config\'s dataset_configs.image_size.')
     flags.DEFINE_string('categories', None, 'json with a COCO "categories" list; default '
-                        'categories.json of the training workdir.')
+                        'the checkpoint\'s categories.json.')
     flags.DEFINE_integer('batch_size', None, 'Images per batch; default eval_batch_size.')
     flags.mark_flags_as_required(['config', 'checkpoint', 'input', 'output'])
 

@@ -6,7 +6,8 @@ copied next to an exported model and used on its own:
     model = ServingModel('/tmp/exported')
     image, image_size, scale = model.preprocess(photo_uint8)      # one photo
     out = model(image[None], image_size[None])                     # a batch of B
-    boxes_in_photo = out['detection_boxes'][0] / scale
+    boxes_in_photo = boxes_to_original(out['detection_boxes'][0], image_size,
+                                       photo_uint8.shape[:2])
 
 An export directory holds `model.jax` (the serialised `jax.export.Exported`),
 `params.npz` (its weights, passed as arguments so the program stays small) and
@@ -14,7 +15,8 @@ An export directory holds `model.jax` (the serialised `jax.export.Exported`),
 
 `preprocess` reproduces the evaluation pipeline of data/input_pipeline.py in numpy:
 shortest side to `eval_min_size` with the longest side capped at `max_size` and the
-image kept inside the padded size, TensorFlow's bilinear resize (half-pixel centres,
+image kept inside the padded size, the resized size rounded by the weights'
+`resize_rounding` rule (metadata), TensorFlow's bilinear resize (half-pixel centres,
 no antialiasing), `(x - pixel_mean) / pixel_std` (channels reversed first for BGR
 models), zero padding bottom/right.
 """
@@ -36,26 +38,60 @@ def param_key(index: int) -> str:
     return f'param_{index:05d}'
 
 
+RESIZE_ROUNDINGS = ('floor', 'round')
+
+
+def resized_length(length: float, scale: float, rounding: str) -> int:
+    """A side's length after resizing by `scale`, under the weights' convention.
+
+    'floor' drops the fraction, as torchvision's GeneralizedRCNNTransform (its
+    interpolate computes floor(size * scale)); 'round' rounds halves up, as
+    Detectron2's ResizeShortestEdge (int(size * scale + 0.5)). Both in float64,
+    as the references compute.
+    """
+    x = np.float64(length) * np.float64(scale)
+    if rounding == 'floor':
+        return int(np.floor(x))
+    if rounding == 'round':
+        return int(np.floor(x + 0.5))
+    raise ValueError(f'resize_rounding must be one of {RESIZE_ROUNDINGS}, got {rounding!r}')
+
+
 def resize_scale(height: int, width: int, min_size: float, max_size: float,
-                 padded_size: Sequence[int]) -> tuple[float, int, int]:
-    """Scale and resized (height, width) of the evaluation pipeline, in float32 like TF.
+                 padded_size: Sequence[int], rounding: str = 'round'
+                 ) -> tuple[float, int, int]:
+    """Scale and resized (height, width) of the evaluation pipeline.
 
     Args:
       height, width: original image size.
       min_size: target shortest side.
       max_size: cap on the longest side.
       padded_size: (H, W) the resized image must fit in.
+      rounding: 'floor' or 'round', see `resized_length`.
 
     Returns:
-      (scale, new_height, new_width), new size = round(size * scale), at least 1.
+      (scale, new_height, new_width), new size = resized_length(size, scale), at
+      least 1 and at most the padded size.
     """
-    h, w = np.float32(height), np.float32(width)
-    scale = min(np.float32(min_size) / min(h, w), np.float32(max_size) / max(h, w))
-    scale = min(scale, np.float32(padded_size[0]) / h, np.float32(padded_size[1]) / w)
-    # np.round, like tf.round, rounds halves to even.
-    new_h = int(np.clip(np.round(h * scale), 1, padded_size[0]))
-    new_w = int(np.clip(np.round(w * scale), 1, padded_size[1]))
-    return float(scale), new_h, new_w
+    h, w = float(height), float(width)
+    scale = min(float(min_size) / min(h, w), float(max_size) / max(h, w))
+    scale = min(scale, float(padded_size[0]) / h, float(padded_size[1]) / w)
+    new_h = int(np.clip(resized_length(h, scale, rounding), 1, padded_size[0]))
+    new_w = int(np.clip(resized_length(w, scale, rounding), 1, padded_size[1]))
+    return scale, new_h, new_w
+
+
+def boxes_to_original(boxes_xyxy: np.ndarray, image_size: Sequence[int],
+                      orig_size: Sequence[int]) -> np.ndarray:
+    """Boxes [..., 4] xyxy in resized pixels -> original pixels, per axis.
+
+    The resized sides were rounded to whole pixels, so each axis is mapped back by
+    its own ratio (orig / resized), as torchvision's and Detectron2's postprocessing
+    do, rather than by the one scale.
+    """
+    ratio_y = float(orig_size[0]) / float(image_size[0])
+    ratio_x = float(orig_size[1]) / float(image_size[1])
+    return np.asarray(boxes_xyxy, np.float64) * np.asarray([ratio_x, ratio_y, ratio_x, ratio_y])
 
 
 def _linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -86,11 +122,13 @@ def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
 def preprocess(image: np.ndarray, *, padded_size: Sequence[int], min_size: float,
                max_size: float, pixel_mean: Sequence[float], pixel_std: Sequence[float],
-               channel_order: str = 'RGB') -> tuple[np.ndarray, np.ndarray, float]:
+               channel_order: str = 'RGB', resize_rounding: str = 'round'
+               ) -> tuple[np.ndarray, np.ndarray, float]:
     """One uint8 RGB image [h, w, 3] to the model's input.
 
     `channel_order` 'BGR' reverses the channels first, for weights trained on BGR
     input; `pixel_mean` and `pixel_std` are then in BGR order too.
+    `resize_rounding` is the weights' rule for the resized size (`resized_length`).
 
     Returns:
       (image float32 [H, W, 3] normalised and zero-padded, image_size int32 [2]
@@ -104,13 +142,24 @@ def preprocess(image: np.ndarray, *, padded_size: Sequence[int], min_size: float
     if channel_order == 'BGR':
         image = image[..., ::-1]
     scale, new_h, new_w = resize_scale(image.shape[0], image.shape[1], min_size, max_size,
-                                       padded_size)
+                                       padded_size, resize_rounding)
     resized = resize_bilinear(image, new_h, new_w)
     normalised = (resized - np.asarray(pixel_mean, np.float32)) / np.asarray(pixel_std,
                                                                             np.float32)
     out = np.zeros((padded_size[0], padded_size[1], 3), np.float32)
     out[:new_h, :new_w] = normalised
     return out, np.asarray([new_h, new_w], np.int32), scale
+
+
+def preprocess_with_metadata(image: np.ndarray, metadata: dict, padded_size: Sequence[int]
+                             ) -> tuple[np.ndarray, np.ndarray, float]:
+    """`preprocess` with the normalisation and resize rule of an export's metadata.json."""
+    m = metadata
+    # Exports that predate the setting rounded to nearest: 'round' differs only at halves.
+    return preprocess(image, padded_size=padded_size, min_size=m['eval_min_size'],
+                      max_size=m['max_size'], pixel_mean=m['pixel_mean'],
+                      pixel_std=m['pixel_std'], channel_order=m['channel_order'],
+                      resize_rounding=m.get('resize_rounding', 'round'))
 
 
 class ServingModel:
@@ -139,10 +188,7 @@ class ServingModel:
 
     def preprocess(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
         """See the module function `preprocess`; sizes and statistics from the metadata."""
-        m = self.metadata
-        return preprocess(image, padded_size=self.padded_size, min_size=m['eval_min_size'],
-                          max_size=m['max_size'], pixel_mean=m['pixel_mean'],
-                          pixel_std=m['pixel_std'], channel_order=m['channel_order'])
+        return preprocess_with_metadata(image, self.metadata, self.padded_size)
 
     def __call__(self, images: np.ndarray, image_sizes: np.ndarray) -> dict[str, np.ndarray]:
         """Runs the exported function.

@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from projects.maskrcnn import checkpoint_io
 from projects.maskrcnn import config_check, evaluation, loop_utils, optim, visualization
 from projects.maskrcnn.steps import (  # noqa: F401  (the trainer's public names)
     GT_KEYS, TrainState, eval_step, init_variables, train_step, validation_loss_step)
@@ -63,13 +64,16 @@ def restore_checkpoint(manager: ocp.CheckpointManager, state: TrainState, train_
 
 
 def load_init_checkpoint(path: str, params: Any, model_state: Any) -> tuple[Any, Any]:
-    """Initialises from another run's (or a converted) checkpoint: every array
-    whose name and shape match is taken; the others keep their initial value."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f'config.init_from.checkpoint_path={path} does not exist')
-    restored = ocp.StandardCheckpointer().restore(os.path.abspath(path))
+    """Initialises from another run's (or a converted) checkpoint, any kind that
+    `checkpoint_io.locate` accepts: every array whose name and shape match is
+    taken; the others keep their initial value."""
+    try:
+        located = checkpoint_io.locate(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f'config.init_from.checkpoint_path: {e}') from None
+    restored = checkpoint_io.restore(located)
     source = flax.traverse_util.flatten_dict(
-        {'params': restored.get('params', {}), **restored.get('model_state', {})})
+        {'params': restored['params'], **restored['model_state']})
     target = flax.traverse_util.flatten_dict({'params': params, **model_state})
     loaded, other_shape, missing = 0, [], []
     for key, value in target.items():

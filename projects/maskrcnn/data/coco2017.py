@@ -21,6 +21,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from projects.maskrcnn.data import coco_builder
+from projects.maskrcnn.data import coco_categories
 from projects.maskrcnn.data import files
 
 NAME = 'coco2017'
@@ -32,26 +33,7 @@ URLS = {
     ANNOTATIONS_ZIP: 'http://images.cocodataset.org/annotations/annotations_trainval2017.zip',
 }
 # The 80 instance categories of COCO 2014/2017: (id, name).
-CATEGORIES = tuple(enumerate(('person', 'bicycle', 'car', 'motorcycle', 'airplane', 'bus',
-                              'train', 'truck', 'boat', 'traffic light', 'fire hydrant'), 1))
-CATEGORIES += tuple(enumerate((
-    'stop sign', 'parking meter', 'bench', 'bird', 'cat', 'dog', 'horse', 'sheep', 'cow',
-    'elephant', 'bear', 'zebra', 'giraffe'), 13))
-CATEGORIES += ((27, 'backpack'), (28, 'umbrella'))
-CATEGORIES += tuple(enumerate((
-    'handbag', 'tie', 'suitcase', 'frisbee', 'skis', 'snowboard', 'sports ball', 'kite',
-    'baseball bat', 'baseball glove', 'skateboard', 'surfboard', 'tennis racket', 'bottle'),
-    31))
-CATEGORIES += tuple(enumerate((
-    'wine glass', 'cup', 'fork', 'knife', 'spoon', 'bowl', 'banana', 'apple', 'sandwich',
-    'orange', 'broccoli', 'carrot', 'hot dog', 'pizza', 'donut', 'cake', 'chair', 'couch',
-    'potted plant', 'bed'), 46))
-CATEGORIES += ((67, 'dining table'), (70, 'toilet'))
-CATEGORIES += tuple(enumerate((
-    'tv', 'laptop', 'mouse', 'remote', 'keyboard', 'cell phone', 'microwave', 'oven',
-    'toaster', 'sink', 'refrigerator'), 72))
-CATEGORIES += tuple(enumerate((
-    'book', 'clock', 'vase', 'scissors', 'teddy bear', 'hair drier', 'toothbrush'), 84))
+CATEGORIES = coco_categories.CATEGORIES
 
 
 def split_files(manual_dir: str) -> dict[str, tuple[str, str]]:

@@ -26,6 +26,9 @@ dataset_configs keys (any other key is a ValueError); defaults shapes / coco_for
                                 (replaces train_min_sizes/max_size in training)
   lsj_scale_range      (0.1, 2.0)
   channel_order        'RGB'    or 'BGR' (Detectron2's MSRA weights); mean/std in that order
+  resize_rounding      'round'  how the resized size is made whole: 'round' (halves up, as
+                                Detectron2's ResizeShortestEdge) or 'floor' (as torchvision's
+                                GeneralizedRCNNTransform); set it to the weights' reference
   pixel_mean           (123.675, 116.28, 103.53)    0-255 units (torchvision's ImageNet mean;
                                                     MSRA/BGR: (103.53, 116.28, 123.675))
   pixel_std            (58.395, 57.12, 57.375)      (MSRA/BGR: (1.0, 1.0, 1.0))
@@ -75,6 +78,8 @@ _COMMON_DEFAULTS = {
     'large_scale_jitter': False,
     'lsj_scale_range': (0.1, 2.0),
     'channel_order': 'RGB',
+    # The Detectron2 rule by default: the base configs follow Detectron2's conventions.
+    'resize_rounding': 'round',
     'pixel_mean': (123.675, 116.28, 103.53),
     'pixel_std': (58.395, 57.12, 57.375),
     'shuffle_buffer_size': 1000,
@@ -116,6 +121,9 @@ def _read_configs(dataset_name: str, dataset_configs: Any) -> dict[str, Any]:
     if cfg['channel_order'] not in ('RGB', 'BGR'):
         raise ValueError(f"dataset_configs.channel_order must be 'RGB' or 'BGR', got "
                          f"{cfg['channel_order']!r}.")
+    if cfg['resize_rounding'] not in ('floor', 'round'):
+        raise ValueError(f"dataset_configs.resize_rounding must be 'floor' or 'round', got "
+                         f"{cfg['resize_rounding']!r}.")
     cfg['data_dir'] = os.path.expanduser(cfg['data_dir'])
     return cfg
 
@@ -141,7 +149,8 @@ def _build_dataset(builder: Any, val_annotations_file: Optional[str], cfg: dict[
                              f'both (build_dataset --val_annotations=... --val_images=...).')
     common = dict(image_size=cfg['image_size'], max_size=cfg['max_size'],
                   pixel_mean=cfg['pixel_mean'], pixel_std=cfg['pixel_std'],
-                  channel_order=cfg['channel_order'], max_instances=cfg['max_instances'],
+                  channel_order=cfg['channel_order'], resize_rounding=cfg['resize_rounding'],
+                  max_instances=cfg['max_instances'],
                   gt_mask_size=cfg['gt_mask_size'], process_index=index, process_count=count)
     train_ds = input_pipeline.build_train_dataset(
         builder, split='train', batch_size=batch_size, seed=shuffle_seed,

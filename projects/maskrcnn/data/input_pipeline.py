@@ -37,7 +37,7 @@ def preprocess_for_train(example: Example, *, seed: tf.Tensor, image_size: Seque
                          gt_mask_size: int, channel_order: str = 'RGB',
                          large_scale_jitter: bool = False,
                          lsj_scale_range: Sequence[float] = (0.1, 2.0),
-                         pad: bool = True) -> Example:
+                         pad: bool = True, resize_rounding: str = 'round') -> Example:
     """Random shortest side from `train_min_sizes` (or large-scale jitter) and random flip.
 
     Crowd instances and instances with empty boxes are dropped; the first `max_instances`
@@ -47,7 +47,7 @@ def preprocess_for_train(example: Example, *, seed: tf.Tensor, image_size: Seque
         example: a `coco_builder` example.
         seed: int32/int64 [2] stateless seed of this example.
         image_size, max_size, pixel_mean, pixel_std, max_instances, gt_mask_size,
-            channel_order, pad: see `transforms.resize_and_pad_example`.
+            channel_order, pad, resize_rounding: see `transforms.resize_and_pad_example`.
         train_min_sizes: candidate shortest sides, one chosen uniformly (unused with
             large-scale jitter).
         horizontal_flip: flip with probability 0.5.
@@ -62,7 +62,8 @@ def preprocess_for_train(example: Example, *, seed: tf.Tensor, image_size: Seque
     flip = tf.random.stateless_uniform([], flip_seed) < 0.5 if horizontal_flip else False
     common = dict(flip=flip, image_size=image_size, pixel_mean=pixel_mean,
                   pixel_std=pixel_std, channel_order=channel_order,
-                  max_instances=max_instances, gt_mask_size=gt_mask_size, pad=pad)
+                  max_instances=max_instances, gt_mask_size=gt_mask_size, pad=pad,
+                  resize_rounding=resize_rounding)
     if large_scale_jitter:
         low, high = lsj_scale_range
         scale_seed, crop_seed = tf.unstack(tf.random.experimental.stateless_split(
@@ -80,13 +81,14 @@ def preprocess_for_eval(example: Example, *, image_size: Sequence[int],
                         eval_min_size: float, max_size: float,
                         pixel_mean: Sequence[float], pixel_std: Sequence[float],
                         max_instances: int, gt_mask_size: int,
-                        channel_order: str = 'RGB', pad: bool = True) -> Example:
+                        channel_order: str = 'RGB', pad: bool = True,
+                        resize_rounding: str = 'round') -> Example:
     """Resize to `eval_min_size` and pad; keeps crowd/empty instances with gt_valid=False."""
     return transforms.resize_and_pad_example(
         example, min_size=eval_min_size, max_size=max_size, flip=False,
         image_size=image_size, pixel_mean=pixel_mean, pixel_std=pixel_std,
         max_instances=max_instances, gt_mask_size=gt_mask_size, drop_invalid=False,
-        channel_order=channel_order, pad=pad)
+        channel_order=channel_order, pad=pad, resize_rounding=resize_rounding)
 
 
 def _deterministic(ds: tf.data.Dataset) -> tf.data.Dataset:
@@ -103,7 +105,8 @@ def build_train_dataset(builder: tfds.core.DatasetBuilder, *, split: str, batch_
                         shuffle_buffer_size: int = 1000, process_index: int = 0,
                         process_count: int = 1, channel_order: str = 'RGB',
                         large_scale_jitter: bool = False,
-                        lsj_scale_range: Sequence[float] = (0.1, 2.0)) -> tf.data.Dataset:
+                        lsj_scale_range: Sequence[float] = (0.1, 2.0),
+                        resize_rounding: str = 'round') -> tf.data.Dataset:
     """Infinite, shuffled, augmented training stream of batches.
 
     Deterministic given `seed` (file order, shuffle and augmentation); the iterator's state
@@ -116,7 +119,7 @@ def build_train_dataset(builder: tfds.core.DatasetBuilder, *, split: str, batch_
         seed: pipeline seed.
         image_size, train_min_sizes, max_size, horizontal_flip, pixel_mean, pixel_std,
             max_instances, gt_mask_size, channel_order, large_scale_jitter,
-            lsj_scale_range: see `preprocess_for_train`.
+            lsj_scale_range, resize_rounding: see `preprocess_for_train`.
         shuffle_buffer_size: examples in the shuffle buffer.
         process_index: this process's index; files (or, if there are fewer files than
             processes, examples) are sharded over processes.
@@ -147,7 +150,7 @@ def build_train_dataset(builder: tfds.core.DatasetBuilder, *, split: str, batch_
             horizontal_flip=horizontal_flip, pixel_mean=pixel_mean, pixel_std=pixel_std,
             max_instances=max_instances, gt_mask_size=gt_mask_size,
             channel_order=channel_order, large_scale_jitter=large_scale_jitter,
-            lsj_scale_range=lsj_scale_range, pad=False)
+            lsj_scale_range=lsj_scale_range, pad=False, resize_rounding=resize_rounding)
 
     ds = ds.enumerate().map(preprocess, num_parallel_calls=tf.data.AUTOTUNE,
                             deterministic=True)
@@ -165,7 +168,8 @@ def build_eval_dataset(builder: tfds.core.DatasetBuilder, *, split: str, batch_s
                        image_size: Sequence[int], eval_min_size: float, max_size: float,
                        pixel_mean: Sequence[float], pixel_std: Sequence[float],
                        max_instances: int, gt_mask_size: int, process_index: int = 0,
-                       process_count: int = 1, channel_order: str = 'RGB') -> tf.data.Dataset:
+                       process_count: int = 1, channel_order: str = 'RGB',
+                       resize_rounding: str = 'round') -> tf.data.Dataset:
     """One in-order pass over `split` in batches of exactly `batch_size`.
 
     The last batch is padded with all-zero examples whose `batch_mask` is 0. With several
@@ -177,7 +181,7 @@ def build_eval_dataset(builder: tfds.core.DatasetBuilder, *, split: str, batch_s
         split: split name, e.g. 'val'.
         batch_size: examples per batch on this process.
         image_size, eval_min_size, max_size, pixel_mean, pixel_std, max_instances,
-            gt_mask_size, channel_order: see `preprocess_for_eval`.
+            gt_mask_size, channel_order, resize_rounding: see `preprocess_for_eval`.
         process_index: this process's index.
         process_count: number of processes.
 
@@ -195,7 +199,8 @@ def build_eval_dataset(builder: tfds.core.DatasetBuilder, *, split: str, batch_s
         return preprocess_for_eval(
             example, image_size=image_size, eval_min_size=eval_min_size, max_size=max_size,
             pixel_mean=pixel_mean, pixel_std=pixel_std, max_instances=max_instances,
-            gt_mask_size=gt_mask_size, channel_order=channel_order, pad=False)
+            gt_mask_size=gt_mask_size, channel_order=channel_order, pad=False,
+            resize_rounding=resize_rounding)
 
     ds = ds.map(preprocess, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.padded_batch(batch_size,

@@ -5,7 +5,9 @@ as read with `SKIP_DECODING`, or decoded). `resize_and_pad_example` resizes so t
 shortest side is `min_size` unless that makes the longest side exceed `max_size` (Detectron2's
 ResizeShortestEdge) or the image exceed the padded size `image_size`; it normalises, optionally
 flips, and zero-pads bottom/right to `image_size`. Boxes are scaled by `image_scale`; the
-resized size is rounded to whole pixels, so the two can differ by less than half a pixel.
+resized size is made whole by the weights' `resize_rounding` rule ('floor' as torchvision's
+GeneralizedRCNNTransform, 'round' as Detectron2's ResizeShortestEdge, computed in float64 as
+they do; see serving_loader.resized_length), so the two can differ by less than a pixel.
 
 `large_scale_jitter_example` (training) instead scales the image to a given fraction of the
 padded size and cuts a window of the padded size out of it; instances left with no area in
@@ -161,12 +163,25 @@ def _normalise_and_resize(image: tf.Tensor, size: tf.Tensor, pixel_mean: Sequenc
 
 # geometry(h, w) -> (scale, crop offset (y0, x0) into the resized image or None for none).
 Geometry = Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, Optional[tf.Tensor]]]
+RESIZE_ROUNDINGS = ('floor', 'round')
+
+
+def resized_length(length: tf.Tensor, scale: tf.Tensor, rounding: str) -> tf.Tensor:
+    """int32 side length after resizing by `scale` (float64, as the references compute):
+    'floor' drops the fraction (torchvision), 'round' rounds halves up (Detectron2)."""
+    x = tf.cast(length, tf.float64) * tf.cast(scale, tf.float64)
+    if rounding == 'floor':
+        return tf.cast(tf.floor(x), tf.int32)
+    if rounding == 'round':
+        return tf.cast(tf.floor(x + 0.5), tf.int32)
+    raise ValueError(f'resize_rounding must be one of {RESIZE_ROUNDINGS}, got {rounding!r}.')
 
 
 def _transform(example: Example, geometry: Geometry, *, flip: BoolLike,
                image_size: Sequence[int], pixel_mean: Sequence[float],
                pixel_std: Sequence[float], channel_order: str, max_instances: int,
-               gt_mask_size: int, drop_invalid: bool, pad: bool) -> Example:
+               gt_mask_size: int, drop_invalid: bool, pad: bool,
+               resize_rounding: str) -> Example:
     """Resizes by `geometry`'s scale, crops at its offset, normalises, flips, pads."""
     out_h, out_w = image_size
     image = _decode_image(example['image'])
@@ -177,8 +192,9 @@ def _transform(example: Example, geometry: Geometry, *, flip: BoolLike,
     height, width = tf.shape(image)[0], tf.shape(image)[1]
     h, w = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
     scale, offset = geometry(h, w)
-    new_h = tf.maximum(tf.cast(tf.round(h * scale), tf.int32), 1)
-    new_w = tf.maximum(tf.cast(tf.round(w * scale), tf.int32), 1)
+    new_h = tf.maximum(resized_length(height, scale, resize_rounding), 1)
+    new_w = tf.maximum(resized_length(width, scale, resize_rounding), 1)
+    scale = tf.cast(scale, tf.float32)  # box arithmetic stays in float32
     y0, x0 = (0, 0) if offset is None else tf.unstack(offset)
     size_h, size_w = tf.minimum(new_h - y0, out_h), tf.minimum(new_w - x0, out_w)
     kept_h, kept_w = tf.cast(size_h, tf.float32), tf.cast(size_w, tf.float32)
@@ -228,7 +244,8 @@ def resize_and_pad_example(example: Example, *, min_size: FloatLike, max_size: f
                            flip: BoolLike, image_size: Sequence[int],
                            pixel_mean: Sequence[float], pixel_std: Sequence[float],
                            max_instances: int, gt_mask_size: int, drop_invalid: bool,
-                           channel_order: str = 'RGB', pad: bool = True) -> Example:
+                           channel_order: str = 'RGB', pad: bool = True,
+                           resize_rounding: str = 'round') -> Example:
     """Deterministic part of preprocessing: one example to one element of the batch.
 
     Args:
@@ -247,6 +264,8 @@ def resize_and_pad_example(example: Example, *, min_size: FloatLike, max_size: f
             weights).
         pad: pad to `image_size` and `max_instances`; False leaves the image at its resized
             size and only the kept instances, for `padded_batch` with `padded_shapes`.
+        resize_rounding: 'floor' (torchvision) or 'round' (Detectron2): how the resized
+            size is made whole (see `resized_length`).
 
     Returns:
         The keys of CONVENTIONS.md without the batch dimension: image [H, W, 3],
@@ -256,14 +275,17 @@ def resize_and_pad_example(example: Example, *, min_size: FloatLike, max_size: f
     out_h, out_w = image_size
 
     def geometry(h, w):
-        scale = tf.minimum(tf.cast(min_size, tf.float32) / tf.minimum(h, w),
-                           tf.cast(max_size, tf.float32) / tf.maximum(h, w))
+        # float64 like the references (Python floats), so that e.g. 500 x 800 / 375 floors
+        # to 1066 exactly as torchvision's does.
+        h, w = tf.cast(h, tf.float64), tf.cast(w, tf.float64)
+        scale = tf.minimum(tf.cast(min_size, tf.float64) / tf.minimum(h, w),
+                           tf.cast(max_size, tf.float64) / tf.maximum(h, w))
         return tf.minimum(scale, tf.minimum(out_h / h, out_w / w)), None  # fit the padding
 
     return _transform(example, geometry, flip=flip, image_size=image_size,
                       pixel_mean=pixel_mean, pixel_std=pixel_std, channel_order=channel_order,
                       max_instances=max_instances, gt_mask_size=gt_mask_size,
-                      drop_invalid=drop_invalid, pad=pad)
+                      drop_invalid=drop_invalid, pad=pad, resize_rounding=resize_rounding)
 
 
 def large_scale_jitter_example(example: Example, *, scale_factor: FloatLike,
@@ -271,7 +293,7 @@ def large_scale_jitter_example(example: Example, *, scale_factor: FloatLike,
                                image_size: Sequence[int], pixel_mean: Sequence[float],
                                pixel_std: Sequence[float], max_instances: int,
                                gt_mask_size: int, channel_order: str = 'RGB',
-                               pad: bool = True) -> Example:
+                               pad: bool = True, resize_rounding: str = 'round') -> Example:
     """Large-scale jitter (Ghiasi et al. 2021; Detectron2's ResizeScale + FixedSizeCrop).
 
     The image is resized to fit `scale_factor` times the padded size (H, W), keeping its
@@ -285,7 +307,7 @@ def large_scale_jitter_example(example: Example, *, scale_factor: FloatLike,
         scale_factor: target size relative to (H, W), e.g. drawn from [0.1, 2.0].
         crop_fraction: float [2] in [0, 1): crop start (y, x) as a fraction of the room.
         flip, image_size, pixel_mean, pixel_std, max_instances, gt_mask_size,
-            channel_order, pad: see `resize_and_pad_example`.
+            channel_order, pad, resize_rounding: see `resize_and_pad_example`.
 
     Returns:
         See `resize_and_pad_example`; boxes are in pixels of the cropped image.
@@ -294,7 +316,9 @@ def large_scale_jitter_example(example: Example, *, scale_factor: FloatLike,
 
     def geometry(h, w):
         scale = tf.cast(scale_factor, tf.float32) * tf.minimum(out_h / h, out_w / w)
-        resized = tf.maximum(tf.round(tf.stack([h, w]) * scale), 1.0)
+        resized = tf.cast(tf.maximum(tf.stack([resized_length(h, scale, resize_rounding),
+                                               resized_length(w, scale, resize_rounding)]),
+                                     1), tf.float32)
         room = tf.maximum(resized - [out_h, out_w], 0.0)
         offset = tf.minimum(tf.floor(crop_fraction * (room + 1.0)), room)
         return scale, tf.cast(offset, tf.int32)
@@ -302,4 +326,4 @@ def large_scale_jitter_example(example: Example, *, scale_factor: FloatLike,
     return _transform(example, geometry, flip=flip, image_size=image_size,
                       pixel_mean=pixel_mean, pixel_std=pixel_std, channel_order=channel_order,
                       max_instances=max_instances, gt_mask_size=gt_mask_size,
-                      drop_invalid=True, pad=pad)
+                      drop_invalid=True, pad=pad, resize_rounding=resize_rounding)

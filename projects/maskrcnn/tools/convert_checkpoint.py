@@ -5,8 +5,8 @@
   python -m projects.maskrcnn.tools.convert_checkpoint --source=detectron2 \\
       model_final_f10217.pkl /tmp/d2_maskrcnn_r50_1x
 
-then `--config.init_from.checkpoint_path=/tmp/tv_maskrcnn` with the matching
-config (configs/maskrcnn_r50_fpn_torchvision_coco.py, configs/maskrcnn_*_detectron2_coco.py).
+then `python -m projects.maskrcnn.predict --checkpoint=/tmp/tv_maskrcnn ...` or
+`--config.init_from.checkpoint_path=/tmp/tv_maskrcnn` with the matching config (configs/maskrcnn_r50_fpn_torchvision_coco.py, configs/maskrcnn_*_detectron2_coco.py).
 Backbone-only files (torchvision's `resnet50` ImageNet weights, Detectron2's
 `R-50.pkl`) convert the same way and initialise only the backbone.
 
@@ -30,8 +30,11 @@ reversed so that the converted model takes RGB like every Detectax pipeline
 
 Output: an orbax checkpoint directory holding {'params', 'model_state':
 {'frozen', 'batch_stats'}} (batch-norm statistics are written for both the
-frozen-BN and the trainable-BN layouts) and `conversion.json`, the report of
-what went where and what was left unused.
+frozen-BN and the trainable-BN layouts), `conversion.json`, the report of
+what went where and what was left unused, and for COCO heads `categories.json`
+(the ids and names of classes 1..K: the 80 COCO 2017 categories, or the 90 ids
+with `--all_classes`), which predict.py and export.py read to name the classes.
+The directory is a checkpoint for `init_from`, predict.py and export.py alike.
 """
 
 import argparse
@@ -44,29 +47,29 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from projects.maskrcnn.data import coco_categories
 from projects.maskrcnn.tools import name_maps, safe_load, vit_name_maps
 
 SOURCES = ('torchvision', 'detectron2', 'mae')
 # The cell-anchor order of each source's RPN channels (model.anchors.order).
 ANCHOR_ORDER = {'torchvision': 'ratio_major', 'detectron2': 'size_major'}
 # The 80 category ids of COCO 2017, in the annotation file's order.
-COCO_CATEGORY_IDS = (
-    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25,
-    27, 28, 31, 32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 46, 47, 48, 49, 50, 51,
-    52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63, 64, 65, 67, 70, 72, 73, 74, 75, 76, 77,
-    78, 79, 80, 81, 82, 84, 85, 86, 87, 88, 89, 90)
+COCO_CATEGORY_IDS = tuple(i for i, _ in coco_categories.CATEGORIES)
+CATEGORIES_FILENAME = 'categories.json'
 
 
 @dataclasses.dataclass
 class Conversion:
     """variables: {'params': ..., 'frozen': ...} nested dicts (frozen-BN layout).
     loaded: source name -> Detectax path. unused / ignored: source names.
-    notes: what else was done (class mapping, channel order, filled statistics)."""
+    notes: what else was done (class mapping, channel order, filled statistics).
+    categories: (COCO id, name) of classes 1..K where the heads are COCO's, else None."""
     variables: dict[str, Any]
     loaded: dict[str, str]
     unused: list[str]
     ignored: list[str]
     notes: list[str]
+    categories: list[tuple[int, str]] | None = None
 
 
 # ----------------------------------------------------------------------------
@@ -155,6 +158,19 @@ def _num_source_classes(state, targets, source) -> int:
     return 0
 
 
+def coco_categories_of(source: str, num_source_classes: int,
+                       class_ids: Sequence[int]) -> list[tuple[int, str]] | None:
+    """(COCO id, name) of our classes where the source's heads are COCO's: torchvision's
+    91-way heads index the COCO ids themselves, Detectron2's 80-way heads the 80
+    categories in id order. None for other heads and for backbone-only files."""
+    if source == 'torchvision' and num_source_classes == 90:
+        names = dict(coco_categories.ALL_90)
+        return [(int(i), names[int(i)]) for i in class_ids]
+    if source == 'detectron2' and num_source_classes == len(coco_categories.CATEGORIES):
+        return [coco_categories.CATEGORIES[int(i)] for i in class_ids]
+    return None
+
+
 def default_class_ids(source: str, num_source_classes: int, all_classes: bool) -> list[int]:
     """Source indices of our classes: COCO's 80 ids out of torchvision's 91-way
     heads unless `all_classes`; otherwise every foreground class in order."""
@@ -239,7 +255,8 @@ def convert(state: Mapping[str, np.ndarray], source: str, *,
     if any(t.module[:1] == ('rpn_head',) for t in targets.values()):
         notes.append(f"RPN channels in {source}'s cell-anchor order: "
                      f"model.anchors.order='{ANCHOR_ORDER[source]}'")
-    return Conversion(variables, loaded, sorted(unused), sorted(ignored), notes)
+    categories = coco_categories_of(source, num_classes, class_ids) if num_classes else None
+    return Conversion(variables, loaded, sorted(unused), sorted(ignored), notes, categories)
 
 
 def _fill_missing_statistics(variables: dict) -> list[str]:
@@ -308,11 +325,27 @@ def save(conversion: Conversion, output_dir: str, input_path: str = '',
     checkpointer.save(output_dir, tree)
     checkpointer.wait_until_finished()
     report = {'input': input_path, 'source': source, 'notes': conversion.notes,
+              'categories': categories_note(conversion),
               'loaded': conversion.loaded, 'unused': conversion.unused,
               'ignored': conversion.ignored}
     with open(os.path.join(output_dir, 'conversion.json'), 'w') as f:
         json.dump(report, f, indent=1)
+    if conversion.categories:  # predict and export name the classes from it
+        with open(os.path.join(output_dir, CATEGORIES_FILENAME), 'w', encoding='utf-8') as f:
+            json.dump(coco_categories.as_json(conversion.categories), f, indent=1)
     return output_dir
+
+
+def categories_note(conversion: Conversion) -> str:
+    """Which categories.json the conversion writes, if any, and why."""
+    if conversion.categories:
+        what = ('the 80 COCO 2017 categories' if len(conversion.categories) == 80 else
+                f'{len(conversion.categories)} COCO categories')
+        return f'{CATEGORIES_FILENAME}: {what} (ids and names)'
+    if 'params/box_predictor/cls_score/kernel' not in conversion.loaded.values():
+        return f'no {CATEGORIES_FILENAME}: no class head (a backbone-only file)'
+    return (f'no {CATEGORIES_FILENAME}: the class head is not a COCO head; give predict '
+            f'and export --categories=FILE to name its classes')
 
 
 def _parse(argv):
@@ -340,11 +373,13 @@ def main(argv=None) -> int:
                          reverse_input_channels=bgr)
     out = save(conversion, args.output_dir, args.input, args.source)
     print(f'{len(conversion.loaded)} tensors converted into {out}')
+    print(f'  {categories_note(conversion)}')
     for note in conversion.notes:
         print(f'  {note}')
     if conversion.unused:
         print(f'  unused ({len(conversion.unused)}): {", ".join(conversion.unused)}')
-    print(f'Use it with --config.init_from.checkpoint_path={out}')
+    print(f'Use it with --config.init_from.checkpoint_path={out}, or as predict\'s and '
+          f'export\'s --checkpoint={out}')
     return 0
 
 
