@@ -13,7 +13,7 @@ import flax
 import ml_collections
 import optax
 
-from projects.maskrcnn.modeling.backbones.resnet import frozen_prefixes
+from projects.maskrcnn.modeling import registry
 
 OPTIMIZERS = ('momentum', 'adamw')
 
@@ -40,9 +40,10 @@ def _is_norm(path: tuple[str, ...]) -> bool:
     return any('norm' in p for p in path[:-1])
 
 
-def parameter_labels(params: Any, freeze_at: int) -> Any:
-    """'frozen', 'no_decay' (norm parameters) or 'decay' for every parameter."""
-    frozen = frozen_prefixes(freeze_at)
+def parameter_labels(params: Any, frozen: tuple[str, ...]) -> Any:
+    """'frozen' (backbone parameters whose names start with one of `frozen`),
+    'no_decay' (norm parameters) or 'decay' for every parameter."""
+    frozen = tuple(frozen)
     flat = flax.traverse_util.flatten_dict(params)
     labels = {}
     for path in flat:
@@ -79,10 +80,11 @@ def build_optimizer(config: ml_collections.ConfigDict, params: Any
                                    nesterov=opt.get('nesterov', False)))
         return optax.chain(*steps)
 
-    freeze_at = config.model.backbone.get('freeze_at', 0)
+    group = config.model.get('backbone')
+    backbone = registry.spec_from_config('backbone', group.to_dict() if group else {})
     tx = optax.multi_transform(
         {'decay': transform(opt.weight_decay),
          'no_decay': transform(opt.get('weight_decay_norm', 0.0)),
          'frozen': optax.set_to_zero()},
-        parameter_labels(params, freeze_at))
+        parameter_labels(params, registry.frozen_prefixes(backbone)))
     return tx, schedule
