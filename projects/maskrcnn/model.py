@@ -24,6 +24,9 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float
 def default_model_config() -> ml_collections.ConfigDict:
     """`config.model` with the reference (Detectron2 R50-FPN) values."""
     cfg = {kind: registry.default_config(kind) for kind in PART_FIELDS}
+    # Moved groups stay, empty, so that an older config's `config.model.fpn.channels = 64`
+    # reaches the error that names the new key instead of failing on a missing attribute.
+    cfg.update({old: {} for old in MOVED_KEYS})
     cfg.update({name: dataclasses.asdict(cls()) for name, cls in specs.SPECS.items()})
     cfg['loss_weights'] = {name: 1.0 for name in losses.LOSS_TERMS}
     cfg['rpn_smooth_l1_beta'] = 0.0
@@ -33,18 +36,18 @@ def default_model_config() -> ml_collections.ConfigDict:
 
 def _moved_key_error(old: str, group: Any) -> KeyError:
     new = MOVED_KEYS[old]
-    keys = list(group.keys()) if hasattr(group, 'keys') else []
+    keys = list(group.keys()) if hasattr(group, 'keys') else ['*']
     moves = '; '.join(f'model.{old}.{k} is now model.{new}.{k}' for k in keys)
-    return KeyError(f'config key model.{old} moved to model.{new} (with model.{new}.name, '
-                    f'default {registry.DEFAULTS[new]!r}): {moves or f"model.{old}.* is now model.{new}.*"}')
+    return KeyError(f'config key model.{old} moved to model.{new} (model.{new}.name '
+                    f'{registry.DEFAULTS[new]!r} and its settings): {moves}')
 
 
 def model_specs(model_config: ml_collections.ConfigDict) -> dict[str, Any]:
     """The detector's spec fields from `config.model`, naming any unknown or moved key."""
     for old in MOVED_KEYS:
-        if old in model_config:
+        if model_config.get(old):  # present and not the empty placeholder
             raise _moved_key_error(old, model_config[old])
-    known = set(specs.SPECS) | set(PART_FIELDS) | set(LOSS_KEYS)
+    known = set(specs.SPECS) | set(PART_FIELDS) | set(LOSS_KEYS) | set(MOVED_KEYS)
     unknown = set(model_config.keys()) - known
     if unknown:
         raise KeyError(f'unknown config key(s) model.{", model.".join(sorted(unknown))}; '

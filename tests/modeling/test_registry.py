@@ -179,8 +179,12 @@ def test_unknown_name_lists_the_registered_ones(kind):
 
 def test_old_fpn_key_says_where_it_went():
     config = tiny_shapes_config.get_config()
-    config.model.fpn = ml_collections.ConfigDict({'channels': 16})
+    config.model.fpn.channels = 16          # as an older config file wrote it
     with pytest.raises(KeyError, match=r'model\.fpn\.channels is now model\.neck\.channels'):
+        MaskRCNNModel(config, {'num_classes': 3})
+    config = tiny_shapes_config.get_config()
+    config.model.fpn = ml_collections.ConfigDict({'norm': 'gn'})
+    with pytest.raises(KeyError, match=r'model\.fpn\.norm is now model\.neck\.norm'):
         MaskRCNNModel(config, {'num_classes': 3})
 
 
