@@ -13,8 +13,8 @@ import pytest
 from projects.maskrcnn import losses
 from projects.maskrcnn.modeling import specs
 from projects.maskrcnn.modeling.backbones import resnet
-from projects.maskrcnn.modeling.necks import fpn
 from projects.maskrcnn.modeling.detector import MaskRCNN, generate_proposals
+from projects.maskrcnn.modeling.necks import fpn
 from projects.maskrcnn.ops import boxes as box_ops
 from tests.variables import fill_variables
 

@@ -8,8 +8,8 @@ import numpy as np
 from projects.maskrcnn.modeling import layers, specs
 from projects.maskrcnn.modeling.backbones import resnet
 from projects.maskrcnn.modeling.backbones.resnet import ResNet
-from projects.maskrcnn.modeling.necks import fpn
 from projects.maskrcnn.modeling.detector import MaskRCNN, generate_proposals
+from projects.maskrcnn.modeling.necks import fpn
 from tests.variables import fill_variables
 
 # One level, three anchors; the image is 20 x 12 (h, w).

@@ -21,9 +21,7 @@ import pytest
 from projects.maskrcnn import optim, trainer
 from projects.maskrcnn.model import MaskRCNNModel
 from projects.maskrcnn.modeling import registry
-from tests import run_utils
-from tests import tiny_shapes_config
-
+from tests import run_utils, tiny_shapes_config
 
 # ----------------------------------------------------------------------------
 # A toy backbone, registered from this test module
@@ -121,7 +119,7 @@ def test_toy_backbone_is_selected_by_config():
     assert set(params['body']) == {'patchify', 'down8', 'down16', 'down32'}
     assert params['body']['patchify']['kernel'].shape == (4, 4, 3, 8)
     # The FPN reads the toy's maps by their declared names, finest first.
-    assert set(k for k in params['neck'] if k.startswith('lateral_')) == {
+    assert {k for k in params['neck'] if k.startswith('lateral_')} == {
         'lateral_s4', 'lateral_s8', 'lateral_s16', 'lateral_s32'}
     assert params['neck']['lateral_s4']['kernel'].shape == (1, 1, 8, 16)
 

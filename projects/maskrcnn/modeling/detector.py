@@ -14,7 +14,6 @@ own proposals), and returns predictions next to their targets for losses.py.
 
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -26,7 +26,8 @@ The built-in parts are imported on the first look-up (`BUILTIN_MODULES`).
 
 import dataclasses
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 

@@ -5,7 +5,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from projects.maskrcnn.modeling.layers import conv, dense, make_norm, msra_init, xavier_init
+from projects.maskrcnn.modeling.layers import conv, dense, make_norm
 
 
 class BoxHead(nn.Module):
@@ -47,13 +47,13 @@ class BoxHead(nn.Module):
         # One batch of RoIs, so that GroupNorm and BatchNorm see [N, 7, 7, C] maps.
         x = roi_features.reshape((-1,) + roi_features.shape[-3:])
         for i in range(self.num_convs):
+            # `conv` starts from MSRA init and `dense` from Xavier, as Detectron2's head.
             x = conv(self.conv_dim, 3, use_bias=self.norm == 'none', dtype=self.dtype,
-                     kernel_init=msra_init, name=f'conv{i + 1}')(x)
+                     name=f'conv{i + 1}')(x)
             x = nn.relu(make_norm(self.norm, train, self.dtype, f'norm{i + 1}')(x))
         x = x.reshape(lead + (-1,))
         for i in range(self.num_fc):
-            x = nn.relu(dense(self.fc_dim, dtype=self.dtype, kernel_init=xavier_init,
-                              name=f'fc{i + 1}')(x))
+            x = nn.relu(dense(self.fc_dim, dtype=self.dtype, name=f'fc{i + 1}')(x))
         logits = dense(self.num_classes + 1, dtype=self.dtype,
                        kernel_init=nn.initializers.normal(0.01), name='cls_score')(x)
         num_reg = 1 if self.class_agnostic else self.num_classes
