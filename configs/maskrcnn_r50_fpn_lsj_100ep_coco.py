@@ -20,6 +20,11 @@ What Detectax cannot match, exactly:
   config evaluates at longest side 1024 (as Detectron2's ViTDet recipes do);
 - cropped instances keep their box clipped to the crop; Detectron2 recomputes the box
   from the cropped mask (`recompute_boxes`);
+- a training image scaled below 1024 is padded with the mean (0 after normalisation);
+  Detectron2's FixedSizeCrop pads with pixel value 128 before normalisation;
+- the mask head runs on a fixed 128 foreground slots per image (model.mask_head.num_fg_slots),
+  so its SyncBN statistics also see the empty slots of images with fewer foreground RoIs;
+  Detectron2's see the foreground RoIs alone;
 - mixed precision is bfloat16 (Detectron2: float16 autocast with loss scaling, and
   gradients all-reduced in float16).
 Data as in maskrcnn_r50_fpn_1x_coco.py. Needs many accelerators: batch 64.
