@@ -32,7 +32,7 @@ def get_config():
     m.backbone.width = 16
     m.backbone.norm = 'gn'
     m.backbone.freeze_at = 0
-    m.fpn.channels = 64
+    m.neck.channels = 64
     m.anchors.sizes = ((16,), (32,), (64,), (128,), (256,))
     m.rpn.pre_nms_topk_train = 600
     m.rpn.post_nms_topk_train = 256

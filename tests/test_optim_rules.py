@@ -60,7 +60,7 @@ def test_layerwise_multipliers_of_named_parameters(size, decay, depth):
 def test_weight_decay_mask_of_named_parameters(size):
     params = vit_params(size)
     patterns = () if size == 'H' else optim_rules.VITDET_NO_WEIGHT_DECAY  # ViT-H decays all
-    labels = flax.traverse_util.flatten_dict(optim.parameter_labels(params, 0, patterns))
+    labels = flax.traverse_util.flatten_dict(optim.parameter_labels(params, (), patterns))
     labels = {'/'.join(k): v for k, v in labels.items()}
     exempt = {'body/pos_embed', 'body/blocks_0/norm1/scale', 'body/blocks_0/norm1/bias',
               'body/blocks_3/norm2/scale', 'body/blocks_3/norm2/bias'}
@@ -77,7 +77,7 @@ def test_weight_decay_mask_of_named_parameters(size):
     n_exempt = sum(v == 'no_decay' for v in labels.values())
     assert n_exempt == (0 if size == 'H' else 1 + 4 * depth)
     # Without patterns the ResNet rule stays: every norm module is exempt.
-    default = flax.traverse_util.flatten_dict(optim.parameter_labels(params, 0))
+    default = flax.traverse_util.flatten_dict(optim.parameter_labels(params, ()))
     assert default[('neck', 'simfp_2_4_norm', 'scale')] == 'no_decay'
 
 

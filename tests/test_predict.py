@@ -134,7 +134,7 @@ def test_image_results_are_in_original_pixels_with_names():
 
 def test_a_config_that_does_not_fit_the_checkpoint_is_named(workdir):
     config = tiny_shapes_config.get_config()
-    config.model.fpn.channels = 24
+    config.model.neck.channels = 24
     model = predict.build_model(config, 3)
     with pytest.raises(ValueError, match='params/neck/lateral_c2/bias: checkpoint'):
         predict.restore_variables(workdir, model, (64, 64))

@@ -111,7 +111,7 @@ def test_norm_parameters_skip_decay_and_frozen_stages_do_not_move():
                        'res3_block0': {'conv1': {'kernel': np.ones(3)},
                                        'norm1': {'scale': np.ones(3)}}},
               'neck': {'output_c2': {'kernel': np.ones(3)}}}
-    labels = optim.parameter_labels(params, freeze_at=2)
+    labels = optim.parameter_labels(params, ('stem_', 'res2_'))  # freeze_at=2
     assert labels['body']['stem_conv']['kernel'] == 'frozen'
     assert labels['body']['res2_block0']['norm1']['scale'] == 'frozen'
     assert labels['body']['res3_block0']['conv1']['kernel'] == 'decay'

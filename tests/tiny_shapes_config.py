@@ -18,7 +18,7 @@ def get_config():
     d.gt_mask_size = 14
     m = config.model
     m.backbone.width = 8
-    m.fpn.channels = 16
+    m.neck.channels = 16
     m.rpn.pre_nms_topk_train = 100
     m.rpn.post_nms_topk_train = 32
     m.rpn.pre_nms_topk_test = 50

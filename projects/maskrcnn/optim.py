@@ -15,7 +15,7 @@ import ml_collections
 import optax
 
 from projects.maskrcnn import optim_rules
-from projects.maskrcnn.modeling.backbones.resnet import frozen_prefixes
+from projects.maskrcnn.modeling import registry
 
 OPTIMIZERS = ('momentum', 'adamw')
 
@@ -38,10 +38,11 @@ def learning_rate_schedule(lr_configs: ml_collections.ConfigDict) -> optax.Sched
     return schedule
 
 
-def parameter_labels(params: Any, freeze_at: int, no_weight_decay=None) -> Any:
-    """'frozen', 'no_decay' (norm parameters, or the paths matching the
-    `no_weight_decay` patterns, see optim_rules.py) or 'decay' for every parameter."""
-    frozen = frozen_prefixes(freeze_at)
+def parameter_labels(params: Any, frozen: tuple[str, ...], no_weight_decay=None) -> Any:
+    """'frozen' (backbone parameters whose names start with one of `frozen`),
+    'no_decay' (norm parameters, or the paths matching the `no_weight_decay`
+    patterns, see optim_rules.py) or 'decay' for every parameter."""
+    frozen = tuple(frozen)
     no_decay = optim_rules.no_decay_rule(no_weight_decay)
     flat = flax.traverse_util.flatten_dict(params)
     labels = {}
@@ -79,12 +80,13 @@ def build_optimizer(config: ml_collections.ConfigDict, params: Any
                                    nesterov=opt.get('nesterov', False)))
         return optax.chain(*steps)
 
-    freeze_at = config.model.backbone.get('freeze_at', 0)
+    group = config.model.get('backbone')
+    backbone = registry.spec_from_config('backbone', group.to_dict() if group else {})
     tx = optax.multi_transform(
         {'decay': transform(opt.weight_decay),
          'no_decay': transform(opt.get('weight_decay_norm', 0.0)),
          'frozen': optax.set_to_zero()},
-        parameter_labels(params, freeze_at, opt.get('no_weight_decay')))
+        parameter_labels(params, registry.frozen_prefixes(backbone), opt.get('no_weight_decay')))
     if opt.get('layerwise_decay'):
         scales = optim_rules.layerwise_lr_scales(params, opt.layerwise_decay,
                                                  opt.get('layerwise_num_layers'))

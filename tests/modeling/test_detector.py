@@ -12,7 +12,9 @@ import pytest
 
 from projects.maskrcnn import losses
 from projects.maskrcnn.modeling import specs
+from projects.maskrcnn.modeling.backbones import resnet
 from projects.maskrcnn.modeling.detector import MaskRCNN, generate_proposals
+from projects.maskrcnn.modeling.necks import fpn
 from projects.maskrcnn.ops import boxes as box_ops
 from tests.variables import fill_variables
 
@@ -53,8 +55,8 @@ def test_full_size_r50_fpn_eval_shape():
 
 def test_anchor_levels_must_match_fpn_levels():
     model = MaskRCNN(num_classes=2,
-                     backbone=specs.BackboneSpec(depth=18, width=8),
-                     fpn=specs.FPNSpec(channels=8),
+                     backbone=resnet.ResNetSpec(depth=18, width=8),
+                     neck_spec=fpn.FPNSpec(channels=8),
                      anchors=specs.AnchorSpec(sizes=((32,), (64,), (128,), (256,))))
     with pytest.raises(ValueError, match='anchors.sizes has 4 levels'):
         jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)),
@@ -118,8 +120,8 @@ def test_generate_proposals_min_box_size():
 K = 3
 TINY = MaskRCNN(
     num_classes=K,
-    backbone=specs.BackboneSpec(depth=18, width=8, norm='gn', freeze_at=0),
-    fpn=specs.FPNSpec(channels=16),
+    backbone=resnet.ResNetSpec(depth=18, width=8, norm='gn', freeze_at=0),
+    neck_spec=fpn.FPNSpec(channels=16),
     rpn=specs.RPNSpec(batch_size_per_image=64, pre_nms_topk_train=100,
                       post_nms_topk_train=50, pre_nms_topk_test=100, post_nms_topk_test=50),
     roi_heads=specs.ROIHeadsSpec(batch_size_per_image=32),

@@ -6,8 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from projects.maskrcnn.modeling import layers, specs
+from projects.maskrcnn.modeling.backbones import resnet
 from projects.maskrcnn.modeling.backbones.resnet import ResNet
 from projects.maskrcnn.modeling.detector import MaskRCNN, generate_proposals
+from projects.maskrcnn.modeling.necks import fpn
 from tests.variables import fill_variables
 
 # One level, three anchors; the image is 20 x 12 (h, w).
@@ -54,8 +56,8 @@ def test_frozen_bn_epsilon_comes_from_the_spec():
     np.testing.assert_allclose(huge[0], huge[1], atol=1e-6)
 
 
-TINY = dict(num_classes=3, backbone=specs.BackboneSpec(depth=18, width=8, norm='gn'),
-            fpn=specs.FPNSpec(channels=16),
+TINY = dict(num_classes=3, backbone=resnet.ResNetSpec(depth=18, width=8, norm='gn'),
+            neck_spec=fpn.FPNSpec(channels=16),
             rpn=specs.RPNSpec(pre_nms_topk_test=100, post_nms_topk_test=50),
             box_head=specs.BoxHeadSpec(fc_dim=32),
             mask_head=specs.MaskHeadSpec(conv_dim=16, num_convs=1))

@@ -77,6 +77,19 @@ def test_make_norm_unknown_name_is_an_error():
         layers.make_norm('batch', True, jnp.float32, 'n')
 
 
+def test_make_norm_ln_normalises_each_position_over_its_channels():
+    x = jnp.asarray(np.random.default_rng(0).normal(3.0, 2.0, size=(2, 3, 4, 16)), jnp.float32)
+    norm = layers.make_norm('ln', False, jnp.float32, 'n')
+    variables = norm.init(jax.random.PRNGKey(0), x)
+    assert set(variables['params']) == {'scale', 'bias'}
+    y = np.asarray(norm.apply(variables, x))
+    np.testing.assert_allclose(y.mean(-1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(y.var(-1), 1.0, rtol=1e-3)
+    xs = np.asarray(x)
+    expected = (xs - xs.mean(-1, keepdims=True)) / np.sqrt(xs.var(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize('stride', [1, 2])
 def test_conv_uses_symmetric_padding(stride):
     # An all-ones 3x3 kernel on an all-ones 5x5 map: border outputs see 6 ones,

@@ -11,7 +11,7 @@ TINY_PTH = pathlib.Path(__file__).parent / 'golden' / 'torchvision_tiny_maskrcnn
 # The tiny torchvision model's architecture (see test_convert_checkpoint.py); its
 # 2-class heads do not fit the 3 shapes classes and must be skipped, not loaded.
 TINY_MODEL = ('--config.model.backbone.depth=50', '--config.model.backbone.width=1',
-              '--config.model.backbone.norm=frozen_bn', '--config.model.fpn.channels=4',
+              '--config.model.backbone.norm=frozen_bn', '--config.model.neck.channels=4',
               '--config.model.box_head.fc_dim=8', '--config.model.mask_head.conv_dim=4',
               '--config.model.mask_head.num_convs=4')
 

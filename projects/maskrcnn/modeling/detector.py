@@ -1,4 +1,7 @@
-"""Mask R-CNN: ResNet + FPN + RPN + RoIAlign + box head + mask head.
+"""Mask R-CNN: backbone + neck + RPN + RoIAlign + box head + mask head.
+
+The backbone and the neck are the parts the config names (registry.py); the
+neck gives the pyramid [P2, P3, ...] of strides 4, 8, ... that the rest reads.
 
 Shape shorthand (see CONVENTIONS.md): B images, L pyramid levels, A anchors per
 image, S sampled anchors, P proposals, R sampled RoIs, F mask slots, D detections,
@@ -9,20 +12,16 @@ In training the module also assigns targets (it must: RoIs are sampled from its
 own proposals), and returns predictions next to their targets for losses.py.
 """
 
-import dataclasses
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from projects.maskrcnn.modeling import specs
-from projects.maskrcnn.modeling.backbones.resnet import ResNet
+from projects.maskrcnn.modeling import registry, specs
 from projects.maskrcnn.modeling.heads.bbox_head import BoxHead
 from projects.maskrcnn.modeling.heads.mask_head import MaskHead
 from projects.maskrcnn.modeling.heads.rpn import RPNHead
-from projects.maskrcnn.modeling.necks.fpn import FPN
 from projects.maskrcnn.ops import anchors as anchor_ops
 from projects.maskrcnn.ops import boxes as box_ops
 from projects.maskrcnn.ops import nms as nms_ops
@@ -92,16 +91,16 @@ def generate_proposals(logits: list[jnp.ndarray], deltas: list[jnp.ndarray],
     return proposals, jnp.isfinite(top_scores)
 
 
-class MaskRCNN(nn.Module):
+class MaskRCNN(registry.Parts):
     """The detector. `num_classes` counts foreground classes only.
 
+    The keyword-only fields `backbone` and `neck_spec` (registry.Parts) hold the
+    specs of the registered backbone and neck; the other fields the heads' specs.
     Besides `__call__`, the stages are methods (`extract_features`, `propose`,
     `pool`, `detect`, `predict_masks`) that `apply(..., method=...)` can run
     one by one, e.g. to compare each with a reference implementation.
     """
     num_classes: int
-    backbone: specs.BackboneSpec = specs.BackboneSpec()
-    fpn: specs.FPNSpec = specs.FPNSpec()
     anchors: specs.AnchorSpec = specs.AnchorSpec()
     rpn: specs.RPNSpec = specs.RPNSpec()
     roi_heads: specs.ROIHeadsSpec = specs.ROIHeadsSpec()
@@ -111,13 +110,12 @@ class MaskRCNN(nn.Module):
     dtype: Any = jnp.float32
 
     def setup(self):
-        self.body = ResNet(**dataclasses.asdict(self.backbone), dtype=self.dtype)
-        self.neck = FPN(self.fpn.channels, self.fpn.norm, dtype=self.dtype)
+        self.body, self.neck, self.feature_maps = self.build_parts(self.dtype)
         self.rpn_head = RPNHead(len(self.anchors.sizes[0]) * len(self.anchors.aspect_ratios),
                                 self.rpn.num_convs, dtype=self.dtype)
-        self.box_predictor = BoxHead(self.num_classes, self.box_head.fc_dim,
-                                     self.box_head.num_fc, self.box_head.class_agnostic,
-                                     dtype=self.dtype)
+        b = self.box_head
+        self.box_predictor = BoxHead(self.num_classes, b.fc_dim, b.num_fc, b.class_agnostic,
+                                     b.num_convs, b.conv_dim, b.norm, dtype=self.dtype)
         m = self.mask_head
         self.mask_predictor = MaskHead(self.num_classes, m.conv_dim, m.num_convs,
                                        m.upsample, m.norm, m.class_agnostic, dtype=self.dtype)
@@ -155,12 +153,17 @@ class MaskRCNN(nn.Module):
 
     def extract_features(self, images: jnp.ndarray, train: bool = False
                          ) -> tuple[dict[str, jnp.ndarray], list[jnp.ndarray]]:
-        """Backbone and FPN: ({'c2'..'c5'}, [P2, ..., P6]), NHWC."""
+        """Backbone and neck: ({name: map} as the backbone declares, [P2, ..., P6]), NHWC."""
         backbone = self.body(images, train=train)
+        _check_maps(backbone, self.feature_maps, images.shape[1:3])
         features = self.neck(backbone, train=train)
         if len(features) != len(self.anchors.sizes):
             raise ValueError(f'model.anchors.sizes has {len(self.anchors.sizes)} levels '
-                             f'but the FPN gives {len(features)}')
+                             f'but the neck gives {len(features)}')
+        for level, (stride, f) in enumerate(zip(_strides(len(features)), features)):
+            if f.shape[1:3] not in _sizes(images.shape[1:3], stride):
+                raise ValueError(f'the neck\'s level {level} is {f.shape[1:3]} for images '
+                                 f'{images.shape[1:3]}; level i must have stride 2 ** (i + 2)')
         return backbone, features
 
     def propose(self, features: list[jnp.ndarray], image_sizes: jnp.ndarray,
@@ -236,7 +239,7 @@ class MaskRCNN(nn.Module):
                 gt['gt_boxes'], gt['gt_classes'], gt['gt_valid'])
         roi = jax.tree_util.tree_map(jax.lax.stop_gradient, roi)
         cls_logits, box_deltas = self.box_predictor(
-            self._pool(features, strides, roi['boxes'], r.box_resolution))
+            self._pool(features, strides, roi['boxes'], r.box_resolution), train=True)
         matched_boxes = jnp.take_along_axis(gt['gt_boxes'], roi['matched_gt'][..., None], 1)
         box_targets = box_ops.encode_boxes(matched_boxes, roi['boxes'],
                                            self.box_head.box_weights)
@@ -314,6 +317,24 @@ class MaskRCNN(nn.Module):
         mask_logits = self._mask_logits(
             self.pool(features, boxes, self.roi_heads.mask_resolution), train=False)
         return jax.nn.sigmoid(self._class_channel(mask_logits, classes))
+
+
+def _check_maps(maps: dict[str, jnp.ndarray], declared: tuple[registry.FeatureMap, ...],
+                image_hw: tuple[int, int]) -> None:
+    """Raises if the backbone's maps are not the ones it declared (names, strides, channels)."""
+    if set(maps) != {m.name for m in declared}:
+        raise ValueError(f'the backbone declares maps {sorted(m.name for m in declared)} '
+                         f'but returns {sorted(maps)}')
+    for m in declared:
+        shape = maps[m.name].shape
+        if shape[1:3] not in _sizes(image_hw, m.stride) or shape[3] != m.channels:
+            raise ValueError(f'backbone map {m.name!r} is {shape[1:]} for images {image_hw}; '
+                             f'it declares stride {m.stride} and {m.channels} channels')
+
+
+def _sizes(image_hw: tuple[int, int], stride: int) -> tuple[tuple[int, int], ...]:
+    """The map sizes a stride gives: the image size divided by it, rounded up or down."""
+    return (tuple(-(-s // stride) for s in image_hw), tuple(s // stride for s in image_hw))
 
 
 def _strides(num_levels: int) -> list[int]:

@@ -16,7 +16,7 @@ from projects.maskrcnn.native import onednn
 msra_init = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 xavier_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'uniform')
 
-NORMS = ('bn', 'frozen_bn', 'gn', 'none')
+NORMS = ('bn', 'frozen_bn', 'gn', 'ln', 'none')
 
 
 class FrozenBatchNorm(nn.Module):
@@ -49,7 +49,8 @@ def group_count(channels: int, max_groups: int = 32) -> int:
 def make_norm(norm: str, train: bool, dtype: Any, name: str, zero_init: bool = False,
               eps: float = 1e-5):
     """A norm layer by name: 'bn' (trainable, batch statistics over the whole
-    global batch under jit, i.e. SyncBN), 'frozen_bn', 'gn' (32 groups), 'none'.
+    global batch under jit, i.e. SyncBN), 'frozen_bn', 'gn' (32 groups), 'ln'
+    (LayerNorm over the channels at each position, eps 1e-6 as Detectron2's), 'none'.
     `eps` is the batch-norm epsilon (both kinds)."""
     scale_init = nn.initializers.zeros if zero_init else nn.initializers.ones
     if norm == 'bn':
@@ -60,6 +61,8 @@ def make_norm(norm: str, train: bool, dtype: Any, name: str, zero_init: bool = F
     if norm == 'gn':
         return lambda x: nn.GroupNorm(num_groups=group_count(x.shape[-1]), epsilon=1e-5,
                                       dtype=dtype, scale_init=scale_init, name=name)(x)
+    if norm == 'ln':
+        return nn.LayerNorm(epsilon=1e-6, dtype=dtype, scale_init=scale_init, name=name)
     if norm == 'none':
         return lambda x: x
     raise ValueError(f'unknown norm {norm!r}; expected one of {NORMS}')

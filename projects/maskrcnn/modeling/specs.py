@@ -1,26 +1,14 @@
 """Typed settings of the detector's parts, with Detectron2's R50-FPN defaults.
 
 These frozen dataclasses are the schema of `config.model`: model.py builds
-them from the config, so a misspelt key is an error that names it.
+them from the config, so a misspelt key is an error that names it. The
+backbone's and the neck's specs belong to the part the config names
+(`config.model.backbone.name`, `config.model.neck.name`), see registry.py.
 """
 
 import dataclasses
 
-
-@dataclasses.dataclass(frozen=True)
-class BackboneSpec:
-    depth: int = 50
-    width: int = 64
-    norm: str = 'frozen_bn'      # 'bn' (SyncBN under jit), 'frozen_bn', 'gn', 'none'
-    freeze_at: int = 2
-    stride_in_1x1: bool = False  # True for MSRA/Detectron2 weights
-    norm_eps: float = 1e-5       # of 'bn' and 'frozen_bn'; torchvision and Detectron2 use 1e-5
-
-
-@dataclasses.dataclass(frozen=True)
-class FPNSpec:
-    channels: int = 256
-    norm: str = 'none'
+from projects.maskrcnn.modeling import registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +62,11 @@ class ROIHeadsSpec:
 
 @dataclasses.dataclass(frozen=True)
 class BoxHeadSpec:
+    # `num_convs` 3x3 convs of `conv_dim` channels, each with `norm`, then `num_fc`
+    # fully connected layers: Detectron2's "4conv1fc" is num_convs=4, num_fc=1.
+    num_convs: int = 0
+    conv_dim: int = 256
+    norm: str = 'none'               # of the convs: 'none', 'bn' (SyncBN under jit), 'gn', 'ln'
     fc_dim: int = 1024
     num_fc: int = 2
     box_weights: tuple = (10.0, 10.0, 5.0, 5.0)
@@ -85,7 +78,7 @@ class MaskHeadSpec:
     conv_dim: int = 256
     num_convs: int = 4
     upsample: str = 'deconv'         # or 'bilinear'
-    norm: str = 'none'
+    norm: str = 'none'               # 'none', 'bn' (SyncBN under jit), 'gn', 'ln'
     num_fg_slots: int = 128          # RoIs given to the mask head in training
     targets: str = 'hard'            # or 'soft', torchvision's (see ops/targets.py)
     class_agnostic: bool = False
@@ -104,25 +97,17 @@ class TestSpec:
 
 
 SPECS = {
-    'backbone': BackboneSpec, 'fpn': FPNSpec, 'anchors': AnchorSpec, 'rpn': RPNSpec,
-    'roi_heads': ROIHeadsSpec, 'box_head': BoxHeadSpec, 'mask_head': MaskHeadSpec,
-    'test': TestSpec,
+    'anchors': AnchorSpec, 'rpn': RPNSpec, 'roi_heads': ROIHeadsSpec,
+    'box_head': BoxHeadSpec, 'mask_head': MaskHeadSpec, 'test': TestSpec,
 }
-
-
-def _freeze(value):
-    """Lists from a config become tuples, so that specs stay hashable."""
-    if isinstance(value, (list, tuple)):
-        return tuple(_freeze(v) for v in value)
-    return value
 
 
 def build_spec(name: str, values: dict):
     """Builds `SPECS[name]` from a dict, naming any key it does not know."""
-    cls = SPECS[name]
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in values:
-        if key not in known:
-            raise KeyError(f'unknown config key model.{name}.{key}; '
-                           f'known keys: {", ".join(sorted(known))}')
-    return cls(**{k: _freeze(v) for k, v in values.items()})
+    return registry.build_dataclass(SPECS[name], values, f'model.{name}')
+
+
+def __getattr__(name: str):
+    """`BackboneSpec` and `FPNSpec`, the default parts' specs, for code written
+    before they moved to their parts' files."""
+    return registry.legacy_spec(name)

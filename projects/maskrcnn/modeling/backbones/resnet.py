@@ -6,12 +6,14 @@ bottleneck block downsamples: in the 1x1 conv as the MSRA/Detectron2 weights,
 or in the 3x3 conv as torchvision.
 """
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from projects.maskrcnn.modeling import registry
 from projects.maskrcnn.modeling.layers import conv, make_norm, max_pool
 
 # Blocks per stage (res2..res5) and whether the block is a bottleneck.
@@ -22,6 +24,19 @@ RESNET_SPECS = {
     101: ((3, 4, 23, 3), True),
     152: ((3, 8, 36, 3), True),
 }
+
+
+
+
+@dataclasses.dataclass(frozen=True)
+class ResNetSpec:
+    """`config.model.backbone` with name 'resnet' (see `ResNet`); Detectron2's R50 defaults."""
+    depth: int = 50
+    width: int = 64
+    norm: str = 'frozen_bn'      # 'bn' (SyncBN under jit), 'frozen_bn', 'gn', 'ln', 'none'
+    freeze_at: int = 2
+    stride_in_1x1: bool = False  # True for MSRA/Detectron2 weights
+    norm_eps: float = 1e-5       # of 'bn' and 'frozen_bn'; torchvision and Detectron2 use 1e-5
 
 
 class BasicBlock(nn.Module):
@@ -127,3 +142,21 @@ def frozen_prefixes(freeze_at: int) -> tuple[str, ...]:
     """Parameter-name prefixes of the stages that `freeze_at` freezes."""
     prefixes = ('stem_',) if freeze_at >= 1 else ()
     return prefixes + tuple(f'res{s}_' for s in range(2, freeze_at + 1))
+
+
+def feature_maps(spec: ResNetSpec) -> tuple[registry.FeatureMap, ...]:
+    """c2..c5: strides 4..32; a bottleneck stage gives 4x its width."""
+    if spec.depth not in RESNET_SPECS:
+        raise ValueError(f'unsupported ResNet depth model.backbone.depth={spec.depth}; '
+                         f'choose one of {sorted(RESNET_SPECS)}')
+    expansion = 4 if RESNET_SPECS[spec.depth][1] else 1
+    return tuple(registry.FeatureMap(f'c{s + 2}', 2 ** (s + 2), expansion * spec.width * 2 ** s)
+                 for s in range(4))
+
+
+def build(spec: ResNetSpec, dtype: Any) -> ResNet:
+    return ResNet(**dataclasses.asdict(spec), dtype=dtype)
+
+
+registry.register_backbone('resnet', ResNetSpec, build, feature_maps,
+                           frozen_prefixes=lambda spec: frozen_prefixes(spec.freeze_at))

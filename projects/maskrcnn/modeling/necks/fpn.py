@@ -4,12 +4,21 @@ Lateral 1x1 convs, nearest-neighbour top-down pathway, 3x3 output convs;
 P6 is a stride-2 subsampling of P5 (Detectron2's LastLevelMaxPool).
 """
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from projects.maskrcnn.modeling import registry
 from projects.maskrcnn.modeling.layers import conv, make_norm, xavier_init
+
+
+@dataclasses.dataclass(frozen=True)
+class FPNSpec:
+    """`config.model.neck` with name 'fpn' (see `FPN`)."""
+    channels: int = 256
+    norm: str = 'none'
 
 
 def upsample2x(x: jnp.ndarray, target_hw: tuple[int, int]) -> jnp.ndarray:
@@ -23,17 +32,20 @@ class FPN(nn.Module):
       channels: output channels of every level (256).
       norm: norm after lateral and output convs ('none' as in the paper, or 'gn').
       top_block: 'maxpool' adds P6 from P5; 'none' stops at P5.
+      in_features: the input maps' keys, finest first, each twice the stride of the
+        one before; () takes every key in sorted order (c2..c5).
     """
     channels: int = 256
     norm: str = 'none'
     top_block: str = 'maxpool'
+    in_features: tuple[str, ...] = ()
     dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, features: dict[str, jnp.ndarray], train: bool = False
                  ) -> list[jnp.ndarray]:
         """Returns [P2, P3, P4, P5(, P6)], each [B, H_l, W_l, channels]."""
-        names = sorted(features)  # c2 .. c5
+        names = list(self.in_features) or sorted(features)  # c2 .. c5
         use_bias = self.norm == 'none'
         laterals = []
         for name in names:
@@ -53,3 +65,17 @@ class FPN(nn.Module):
         elif self.top_block != 'none':
             raise ValueError(f'unknown FPN top_block {self.top_block!r}')
         return outputs
+
+
+def build(spec: FPNSpec, inputs: tuple[registry.FeatureMap, ...], dtype: Any) -> FPN:
+    """An FPN over every declared input map, which must double in stride from
+    stride 4 (P2) on, as the RPN's anchors and the RoI heads' levels expect."""
+    inputs = sorted(inputs, key=lambda m: m.stride)
+    strides = [m.stride for m in inputs]
+    if strides != [4 * 2 ** i for i in range(len(inputs))]:
+        raise ValueError(f"neck 'fpn' needs backbone maps of strides 4, 8, 16, ...; the "
+                         f"backbone gives {[(m.name, m.stride) for m in inputs]}")
+    return FPN(spec.channels, spec.norm, in_features=tuple(m.name for m in inputs), dtype=dtype)
+
+
+registry.register_neck('fpn', FPNSpec, build)
