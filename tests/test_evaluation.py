@@ -342,7 +342,7 @@ def test_per_category_ap_averages_to_the_overall_ap(tmp_path):
     dets = [_perfect_detections(coco_gt, i) for i in (1, 2)]
     # Category 0 of image 2: a box shifted by half its width (IoU 1/3), and a
     # false positive of category 5 on image 1.
-    box, label, score, mask = next(d for d in dets[1] if d[1] == LABEL_OF[0])
+    box, label, _, mask = next(d for d in dets[1] if d[1] == LABEL_OF[0])
     dets[1].append((box + np.array([10, 0, 10, 0], np.float32), label, 0.95, mask))
     dets[0].append((np.array([70, 60, 90, 80], np.float32), 4, 0.99,
                     np.ones((MASK_SIZE, MASK_SIZE), np.float32)))

@@ -6,7 +6,8 @@ log) and `results.json` in the workdir, which `tools/compare.py` reads.
 import json
 import math
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from absl import flags, logging
 from clu import metric_writers
@@ -73,7 +74,7 @@ def config_source(config: ml_collections.ConfigDict) -> dict[str, Any]:
       {'config_name': the file's name without .py, 'config_file': its path or
       None, 'overrides': {'dotted.key': value} from `--config.key=value`}.
     """
-    flag = flags.FLAGS['config'] if 'config' in flags.FLAGS else None
+    flag = flags.FLAGS['config'] if 'config' in flags.FLAGS else None  # noqa: SIM401
     if flag is None or not flag.present:
         return {'config_name': str(config.get('experiment_name', '') or 'unnamed'),
                 'config_file': None, 'overrides': {}}

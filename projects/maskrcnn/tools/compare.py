@@ -13,7 +13,8 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 RESULTS_FILENAME = 'results.json'  # reporting.RESULTS_FILENAME
 _UNSET = '(unset)'
