@@ -136,6 +136,7 @@ def test_two_runs_compared_in_tensorboard_and_by_the_compare_command(tmp_path):
         assert hparams['rng_seed'] == seed
         assert hparams['log_summary_steps'] == (1 if seed == 2 else 2)
         assert hparams['config'] == 'tiny_shapes_config'
+        assert hparams['workdir'] == os.path.abspath(workdir)
         metric_tags = {m.name.tag for e in experiments for m in e.metric_infos}
         assert {'valid/box_AP', 'valid/mask_AP', 'valid/total_loss'} <= metric_tags
         scalars = run_utils.scalars(workdir)

@@ -190,7 +190,10 @@ class RunReport:
         self._chief = jax.process_index() == 0
         self.train_images_per_sec: float | None = None
         if self._chief:
-            hparams = {'config': self._source['config_name'], **self._config}
+            # The workdir keeps two runs of equal configs apart: TensorBoard
+            # merges runs whose hparams are all equal into one row.
+            hparams = {'config': self._source['config_name'],
+                       'workdir': os.path.abspath(workdir), **self._config}
             write_hparams(writer, hparams, hparams_metric_tags(config))
 
     def train_summary(self, summary: Mapping[str, float]) -> None:
