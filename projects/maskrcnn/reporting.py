@@ -20,7 +20,7 @@ from tensorboard.plugins.hparams import summary_v2 as hparams_summary
 from projects.maskrcnn import evaluation
 
 RESULTS_FILENAME = 'results.json'
-# The evaluation's metrics also shown by TensorBoard's HParams dashboard.
+# Shown by TensorBoard's HParams dashboard next to the evaluation's AP figures.
 TRAIN_METRIC_TAGS = ('train/total_loss', 'train/images_per_sec')
 VALIDATION_LOSS_TAG = 'valid/total_loss'
 
@@ -212,7 +212,7 @@ class RunReport:
     def results(self, step: int, metrics: Mapping[str, float]) -> dict[str, Any]:
         """The content of results.json (NaN written as null)."""
         overall = {k: float(v) for k, v in metrics.items()
-                   if '/' not in k and ('_AP' in k)}
+                   if '/' not in k and '_AP' in k}
         per_category = {name: {p: _finite_or_none(metrics.get(f'{p}_AP/{name}'))
                                for p in ('box', 'mask') if f'{p}_AP' in metrics}
                         for name in self._names}
