@@ -25,7 +25,8 @@ def scalars(workdir: str) -> dict[str, dict[int, float]]:
         for event in tf.compat.v1.train.summary_iterator(path):
             for v in event.summary.value:
                 value = tf.make_ndarray(v.tensor) if v.HasField('tensor') else v.simple_value
-                if np.asarray(value).dtype.kind in 'fiu':  # not the config text
+                # Not the config text, nor the HParams records' empty tensors.
+                if np.asarray(value).dtype.kind in 'fiu' and np.size(value) == 1:
                     values.setdefault(v.tag, {})[event.step] = float(np.asarray(value))
     return values
 

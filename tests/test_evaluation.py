@@ -327,3 +327,45 @@ def test_box_only_ground_truth_counts_for_boxes_and_is_ignored_for_masks(tmp_pat
     # Masks: it is ignored, neither a hit nor a false positive.
     assert with_it['mask_AP50'] == pytest.approx(without['mask_AP50'])
     assert with_it['mask_AP50'] == pytest.approx(100.0)
+
+
+def test_per_category_ap_averages_to_the_overall_ap(tmp_path):
+    """Category 5 has no ground truth: its AP is NaN and, as in COCOeval's own
+    average, it does not count; the others' mean is the overall AP."""
+    data = _ground_truth()
+    data['categories'].append({'id': 5, 'name': 'cat5'})
+    path = tmp_path / 'with_empty_category.json'
+    path.write_text(json.dumps(data))
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = coco.COCO(str(path))
+    category_ids = CATEGORY_IDS + (5,)
+    dets = [_perfect_detections(coco_gt, i) for i in (1, 2)]
+    # Category 0 of image 2: a box shifted by half its width (IoU 1/3), and a
+    # false positive of category 5 on image 1.
+    box, label, _, mask = next(d for d in dets[1] if d[1] == LABEL_OF[0])
+    dets[1].append((box + np.array([10, 0, 10, 0], np.float32), label, 0.95, mask))
+    dets[0].append((np.array([70, 60, 90, 80], np.float32), 4, 0.99,
+                    np.ones((MASK_SIZE, MASK_SIZE), np.float32)))
+    evaluator = evaluation.CocoEvaluator(str(path), category_ids)
+    evaluator.add_batch(*_make_batch(dets, [1, 2]))
+    metrics = evaluator.compute_metrics()
+    for prefix in ('box', 'mask'):
+        per_category = evaluator.per_category[prefix]
+        assert sorted(per_category) == [0, 5, 7, 42]
+        assert np.isnan(per_category[5])
+        finite = [v for v in per_category.values() if np.isfinite(v)]
+        assert np.mean(finite) == pytest.approx(metrics[f'{prefix}_AP'], abs=1e-9)
+    # Not all equal: the shifted duplicate costs category 0 only.
+    assert evaluator.per_category['box'][0] < 90.0
+    assert evaluator.per_category['box'][42] == pytest.approx(100.0)
+    assert evaluator.per_category['box'][7] == pytest.approx(100.0)
+
+
+def test_per_category_ap_without_detections(gt):
+    path, _ = gt
+    evaluator = evaluation.CocoEvaluator(path, CATEGORY_IDS)
+    evaluator.add_batch(*_make_batch([[]], [2]))
+    evaluator.compute_metrics()
+    # Image 2 holds categories 7 and 0 only.
+    box = evaluator.per_category['box']
+    assert box[7] == 0.0 and box[0] == 0.0 and np.isnan(box[42])

@@ -107,9 +107,27 @@ def image_detections_to_coco(
     return results
 
 
+def per_category_ap(evaluator: cocoeval.COCOeval) -> dict[int, float]:
+    """AP (IoU 0.50:0.95, all areas, 100 detections) of each category of an
+    accumulated COCOeval, in percent; NaN for a category without ground truth,
+    which COCOeval leaves out of the overall AP as well (follows Detectron2's
+    `_derive_coco_results`). The mean of the finite values is stats[0].
+    """
+    precision = evaluator.eval['precision']  # [IoU T, recall R, K, area A, maxDets M]
+    area = evaluator.params.areaRngLbl.index('all')
+    max_dets = evaluator.params.maxDets.index(max(evaluator.params.maxDets))
+    result = {}
+    for k, category_id in enumerate(evaluator.params.catIds):
+        values = precision[:, :, k, area, max_dets]
+        values = values[values > -1]
+        result[int(category_id)] = 100.0 * float(values.mean()) if values.size else float('nan')
+    return result
+
+
 def _run_cocoeval(coco_gt: coco.COCO, results: list[dict[str, Any]],
-                  iou_type: str, image_ids: list[int]) -> np.ndarray:
-    """Runs COCOeval on non-empty `results`; returns stats[0:6] in [0, 1] or -1."""
+                  iou_type: str, image_ids: list[int]) -> tuple[np.ndarray, dict[int, float]]:
+    """Runs COCOeval on non-empty `results`; returns stats[0:6] in [0, 1] or -1,
+    and `per_category_ap`."""
     # loadRes writes into the dicts, and it takes the area that decides
     # small/medium/large from `bbox` when present: drop it for mask AP so that
     # mask AP uses the mask area (Detectron2 does the same).
@@ -122,7 +140,13 @@ def _run_cocoeval(coco_gt: coco.COCO, results: list[dict[str, Any]],
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-    return np.asarray(evaluator.stats[:len(_STAT_NAMES)], np.float64)
+    return np.asarray(evaluator.stats[:len(_STAT_NAMES)], np.float64), per_category_ap(evaluator)
+
+
+def _categories_with_ground_truth(coco_gt: coco.COCO, image_ids: list[int]) -> set[int]:
+    """Categories with a non-crowd annotation on `image_ids`: those COCOeval scores."""
+    anns = coco_gt.loadAnns(coco_gt.getAnnIds(imgIds=image_ids))
+    return {int(a['category_id']) for a in anns if not a.get('iscrowd', 0)}
 
 
 class CocoEvaluator:
@@ -167,6 +191,7 @@ class CocoEvaluator:
         self._image_ids: set[int] = set()
         # None until the first batch tells whether masks are evaluated.
         self._with_masks: bool | None = None
+        self.per_category: dict[str, dict[int, float]] = {}
 
     @property
     def results(self) -> list[dict[str, Any]]:
@@ -225,24 +250,34 @@ class CocoEvaluator:
         truth; that is reported as 0.0 (NaN or -1 would spoil TensorBoard
         curves) and logged.
 
+        Also sets `per_category`: {'box': {category_id: AP}, 'mask': ...}
+        (see `per_category_ap`; NaN for a category without ground truth).
+
         Returns:
           {'box_AP', 'box_AP50', 'box_AP75', 'box_APs', 'box_APm', 'box_APl'}
           and the same six with the `mask_` prefix, in percent (0-100). All
           zeros when there are no detections.
         """
+        self.per_category = {}
         if self._output_dir:
             self._write_results()
         with_masks = self._with_masks is not False
         metrics = dict.fromkeys(metric_names(with_masks), 0.0)
+        image_ids = sorted(self._image_ids)
+        iou_types = {'box': 'bbox', 'mask': 'segm'} if with_masks else {'box': 'bbox'}
         if not self._results:
             logging.info('No detections on %d images: all COCO metrics are 0.',
                          len(self._image_ids))
+            for prefix, iou_type in iou_types.items():
+                gt = self._segm_ground_truth() if iou_type == 'segm' else self._coco_gt
+                scored = _categories_with_ground_truth(gt, image_ids)
+                self.per_category[prefix] = {
+                    int(c): 0.0 if c in scored else float('nan') for c in gt.getCatIds()}
             return metrics
-        image_ids = sorted(self._image_ids)
-        iou_types = {'box': 'bbox', 'mask': 'segm'} if with_masks else {'box': 'bbox'}
         for prefix, iou_type in iou_types.items():
             gt = self._segm_ground_truth() if iou_type == 'segm' else self._coco_gt
-            stats = _run_cocoeval(gt, self._results, iou_type, image_ids)
+            stats, self.per_category[prefix] = _run_cocoeval(
+                gt, self._results, iou_type, image_ids)
             for name, value in zip(_STAT_NAMES, stats):
                 if value < 0:
                     logging.info('%s_%s: no ground truth in this size range; '

@@ -18,8 +18,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from projects.maskrcnn import checkpoint_io
-from projects.maskrcnn import config_check, evaluation, loop_utils, optim, visualization
+from projects.maskrcnn import (checkpoint_io, config_check, evaluation, loop_utils, optim,
+                               reporting, visualization)
 from projects.maskrcnn.steps import (  # noqa: F401  (the trainer's public names)
     GT_KEYS, TrainState, eval_step, init_variables, train_step, validation_loss_step)
 
@@ -114,7 +114,8 @@ def _host_batch(batch: dict, keys: tuple[str, ...]) -> dict:
 
 def evaluate(state: TrainState, eval_fn, loss_fn, dataset, config, workdir: str, put
              ) -> tuple[dict, dict]:
-    """COCO box and mask AP on the validation split and, with `loss_fn`, the
+    """COCO box and mask AP on the validation split (overall, and per category
+    as `box_AP/<name>`, `mask_AP/<name>`) and, with `loss_fn`, the
     validation losses (`total_loss`, `loss_*`: the mean over images; a padded
     image of the last batch counts as an image without objects).
 
@@ -148,6 +149,7 @@ def evaluate(state: TrainState, eval_fn, loss_fn, dataset, config, workdir: str,
         if max_examples and seen >= max_examples:
             break
     metrics = evaluator.compute_metrics()
+    metrics.update(reporting.per_category_metrics(evaluator.per_category, meta))
     metrics.update({k: v / loss_weight for k, v in loss_sums.items()})
     return metrics, images
 
@@ -234,13 +236,16 @@ def train_and_evaluate(*, rng: jax.Array, config: ml_collections.ConfigDict, mod
         loss_fn = jax.jit(functools.partial(validation_loss_step, model=model),
                           in_shardings=(replicated, data_sharding), out_shardings=replicated)
 
+    report_run = reporting.RunReport(workdir, config, dataset.meta_data, writer)
+
     def run_eval(step):
         metrics, images = evaluate(state, eval_fn, loss_fn, dataset, config, workdir, put)
         writer.write_scalars(step, {f'valid/{k}': v for k, v in metrics.items()})
         if images:
             writer.write_images(step, images)
-        logging.info('eval at step %d: %s', step,
-                     ', '.join(f'{k}={v:.4g}' for k, v in metrics.items()))
+        logging.info('eval at step %d: %s', step,  # per category: report_run's table
+                     ', '.join(f'{k}={v:.4g}' for k, v in metrics.items() if '/' not in k))
+        report_run.evaluation(step, metrics)
         return metrics
 
     total_steps = config.num_training_steps
@@ -282,6 +287,7 @@ def train_and_evaluate(*, rng: jax.Array, config: ml_collections.ConfigDict, mod
                 if skip_nonfinite:
                     summary['skipped_steps'] = float(jax.device_get(state.num_skipped))
                 writer.write_scalars(step, {f'train/{k}': v for k, v in summary.items()})
+                report_run.train_summary(summary)
                 logging.info('step %d: %s', step,
                              ', '.join(f'{k}={v:.4g}' for k, v in summary.items()))
                 history, history_start, last_log = [], step + 1, time.time()
