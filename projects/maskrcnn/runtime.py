@@ -35,15 +35,15 @@ def _parse_flags(argv: list[str]) -> list[str]:
     except AttributeError as e:
         key = str(e).strip('"\'')
         flag = next((a.split('=')[0] for a in argv if a.startswith('--config.') and
-                     a.split('=')[0].endswith('.' + key)), f'--config...{key}')
+                     f'.{key}.' in a.split('=')[0] + '.'), f'--config.(...).{key}')
         hint = ''
         if flag == '--config.dataset_configs.name':
             hint = (' To train this config on a dataset prepared with build_dataset --name=NAME, '
                     'write --config=configs/demo_shapes.py:NAME (the demo config) or set '
                     "config.dataset_name = 'coco_format' and config.dataset_configs.name = "
                     "'NAME' in a config file based on configs/base.py.")
-        sys.exit(f'FATAL Flags parsing error: {flag}: the config has no key '
-                 f'{flag[2:]}, so it cannot be overridden from the command line.{hint}')
+        sys.exit(f'FATAL Flags parsing error: {flag}: the config has no key {key!r} on '
+                 f'this path, so it cannot be set from the command line.{hint}')
 
 
 def _run_main(argv, *, main) -> None:

@@ -242,9 +242,10 @@ class _CocoFormatBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
             yield image_info['id'], example
         report.check_totals()
         if not report.images_kept:  # every image skipped: say why, not TFDS's assertion
+            json_path = self._splits[split][0]
             raise ValueError(
-                f'Split {split!r}: none of the {report.images_in} images of {self._splits[split][0]} '
-                f'could be read from {image_dir}:\n{report.format()}\nCheck the images folder '
+                f'Split {split!r}: none of the {report.images_in} images of {json_path} could '
+                f'be read from {image_dir}:\n{report.format()}\nCheck the images folder '
                 f'(--images / dataset_configs.{split}_images): file_name is relative to it.')
         self.reports[split] = report
         logging.info('Build report of %s:\n%s', self.name, report.format())

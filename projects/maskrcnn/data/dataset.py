@@ -233,12 +233,15 @@ def _warn_truncation(builder: Any, max_instances: int) -> None:
     for split, report in coco_builder.build_report(builder).items():
         images, instances = report.beyond(max_instances)
         if images:
+            effect = ('left out of training in each epoch (train/truncated_instances counts '
+                      'them per step)' if split == 'train' else
+                      'left out of the validation loss (AP reads the evaluation JSON and '
+                      'keeps them)')
             logging.warning(
                 'Split %r of %s has %d images with more than dataset_configs.max_instances=%d '
-                'instances (at most %d in one image): %d instances are left out in each pass '
-                '(counted as train/truncated_instances); raise dataset_configs.max_instances '
-                'to keep them.', split, builder.name, images, max_instances,
-                max(report.instances_per_image), instances)
+                'instances (at most %d in one image): %d instances are %s; raise '
+                'dataset_configs.max_instances to keep them.', split, builder.name, images,
+                max_instances, max(report.instances_per_image), instances, effect)
 
 
 def _check_unsupported(dataset_service_address: Optional[str]) -> None:
