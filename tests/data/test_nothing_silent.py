@@ -51,9 +51,9 @@ def _problem_dataset(root):
               {'id': 3, 'file_name': './same.png', 'height': H, 'width': W},
               {'id': 4, 'file_name': 'other.png', 'height': H, 'width': W}]
     anns = [_ann(i, 1, 2 * i % 50, 2 * (i // 25)) for i in range(MANY)]
-    anns += [_ann(101, 2, 5, 5), _ann(101, 2, 5, 5),             # listed twice
+    anns += [_ann(103, 3, 30, 20), _ann(104, 3, 5, 5),            # 104 copies 101's object
+             _ann(101, 2, 5, 5), _ann(101, 2, 5, 5),             # listed twice
              _ann(102, 2, 20, 5, iscrowd='false'),                # would read as a crowd
-             _ann(103, 3, 30, 20), _ann(104, 3, 5, 5),            # 104 copies 101's object
              {**_ann(105, 4, 2, 2), 'bbox': [40, 30, 10, 8]}]     # box far from its mask
     coco = {'images': images, 'annotations': anns, 'categories': [{'id': 1, 'name': 'x'}]}
     (root / 'ann.json').write_text(json.dumps(coco))

@@ -103,15 +103,20 @@ def _per_image(annotations: list[dict[str, Any]], image_ids: set[int],
                report: validation.SplitReport) -> dict[int, list[dict[str, Any]]]:
     """image id -> its annotations sorted by id; unknown references and copies counted."""
     per_image, contents = {}, set()
-    for ann in annotations:
-        if ann.get('image_id') in merged:
+
+    def moved(ann):
+        return isinstance(ann.get('image_id'), int) and ann['image_id'] in merged
+
+    # Moved annotations last, so that the copy dropped is always the moved one.
+    for ann in sorted(annotations, key=moved):
+        if moved(ann):
             ann = {**ann, 'image_id': merged[ann['image_id']]}
             key = (ann['image_id'], _content_key(ann))
             if key in contents:  # the same object annotated on both copies of the file
                 report.add('duplicate_annotation', ann['id'])
                 continue
             report.add('annotation_moved', ann['id'])
-        if ann.get('image_id') not in image_ids:
+        if not isinstance(ann.get('image_id'), int) or ann['image_id'] not in image_ids:
             report.add('unknown_image', ann['id'])
         elif ann.get('category_id') not in category_ids:
             report.add('unknown_category', ann['id'])
