@@ -5,12 +5,22 @@
 Generates the dataset (nothing is downloaded), trains a small ResNet-18-FPN with
 GroupNorm and evaluates COCO box and mask AP on the validation split.
 Expected: see README.md (measured time and mask AP on a 2-core CPU).
+
+  python projects/maskrcnn/main.py --config=configs/demo_shapes.py:NAME --workdir=...
+
+trains the same model on the COCO-format dataset NAME prepared with
+`python -m projects.maskrcnn.data.build_dataset --name=NAME ...` (the demo's 128-pixel
+sizes stay: override dataset_configs.image_size and the others for larger images).
 """
 
 from configs import base
 
 
-def get_config():
+_SHAPES_ONLY = ('num_train', 'num_val', 'shapes_image_size', 'shapes_seed', 'max_shapes')
+
+
+def get_config(dataset: str = ''):
+    """The demo config; `dataset` (after ':' in --config) names a prepared dataset."""
     config = base.get_config()
     config.experiment_name = 'demo_shapes'
     config.dataset_name = 'shapes'
@@ -26,6 +36,12 @@ def get_config():
     d.shapes_image_size = 128
     d.shapes_seed = 0
     d.max_shapes = 6
+    if dataset:
+        config.experiment_name = f'demo_{dataset}'
+        config.dataset_name = 'coco_format'
+        for key in _SHAPES_ONLY:
+            del d[key]
+        d.name = dataset
 
     m = config.model
     m.backbone.depth = 18

@@ -211,8 +211,8 @@ def test_predict_command_on_photos_with_a_corrupt_file(workdir, tmp_path):
     predictor = predict.Predictor(config, workdir)
     entries = []
     for name in sorted(PHOTOS)[:2]:
-        _, inputs_i, size_i, scale_i = predictor.preprocess(
-            np.asarray(Image.open(PHOTOS[name]).convert('RGB')))
+        # The pixels training would see (TensorFlow's JPEG decoder, not Pillow's).
+        _, inputs_i, size_i, scale_i = predictor.preprocess(predict.load_image(PHOTOS[name]))
         entries.append({'inputs': inputs_i, 'image_size': size_i, 'scale': scale_i})
     _, outputs = predictor._dispatch((64, 64), entries)  # pylint: disable=protected-access
     outputs = jax.device_get(outputs)

@@ -49,7 +49,7 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
                          f"'bfloat16' or 'float16'")
     for key in ('batch_size', 'eval_batch_size'):
         value = config.get(key)
-        if not value or value % num_devices:
+        if not isinstance(value, int) or value <= 0 or value % num_devices:
             raise ValueError(f'config.{key}={value} must be a positive multiple of the '
                              f'{num_devices} devices')
     for key in ('num_training_steps', 'log_summary_steps', 'checkpoint_steps'):
@@ -59,8 +59,10 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if impl not in roi_align.IMPLS:
         raise ValueError(f'config.model.roi_heads.roi_align_impl={impl!r} must be one of '
                          f'{roi_align.IMPLS}')
-    image_size = tuple(config.dataset_configs.get('image_size', ()))
+    image_size = config.dataset_configs.get('image_size', ())
+    image_size = tuple(image_size) if isinstance(image_size, (list, tuple)) else (image_size,)
     stride = 2 ** (len(config.model.anchors.sizes) + 1) if 'model' in config else 64
-    if len(image_size) != 2 or any(s % stride for s in image_size):
+    if len(image_size) != 2 or any(not isinstance(s, int) or s <= 0 or s % stride
+                                   for s in image_size):
         raise ValueError(f'config.dataset_configs.image_size={image_size} must be (H, W) '
                          f'divisible by the largest FPN stride {stride}')

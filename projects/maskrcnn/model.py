@@ -106,15 +106,19 @@ class MaskRCNNModel(BaseModel):
 
     def get_metrics_fn(self, split: str | None = None) -> Callable[[dict, dict], dict]:
         """Returns fn(outputs, batch) -> {name: scalar}: every loss term, the
-        weighted total and sampling statistics (training outputs only)."""
+        weighted total, sampling statistics (training outputs only) and the batch's
+        instances left out beyond max_instances (`truncated_instances`)."""
         del split
         settings = self._loss_settings()
 
         def metrics_fn(outputs, batch):
-            del batch
             total, terms = losses.total_loss(outputs, *settings)
-            return {'total_loss': total, **{f'loss_{k}': v for k, v in terms.items()},
-                    **losses.count_foreground(outputs)}
+            metrics = {'total_loss': total, **{f'loss_{k}': v for k, v in terms.items()},
+                       **losses.count_foreground(outputs)}
+            if 'gt_truncated' in batch:  # instances beyond max_instances in this batch
+                metrics['truncated_instances'] = jnp.sum(batch['gt_truncated']).astype(
+                    jnp.float32)
+            return metrics
 
         return metrics_fn
 

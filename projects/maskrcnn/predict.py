@@ -41,12 +41,12 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 from pycocotools import mask as mask_utils
 import tqdm
 
 from projects.maskrcnn import checkpoint_io, evaluation, serving_loader, visualization
-from projects.maskrcnn.data import coco_json, dataset as dataset_lib
+from projects.maskrcnn.data import coco_json, dataset as dataset_lib, image_io
 from projects.maskrcnn.model import MaskRCNNModel
 
 CATEGORIES_FILENAME = checkpoint_io.CATEGORIES_FILENAME
@@ -173,10 +173,10 @@ def list_images(path: str) -> list[str]:
 
 
 def load_image(path: str) -> np.ndarray:
-    """uint8 RGB [h, w, 3], upright by EXIF orientation. Raises on unreadable files."""
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        return np.asarray(image.convert('RGB'))
+    """uint8 RGB [h, w, 3], the pixels training sees for the file (data/image_io.py: EXIF
+    orientation applied, 16-bit, alpha, CMYK). Raises on unreadable files."""
+    with open(path, 'rb') as f:
+        return image_io.decode(f.read())
 
 
 def parse_image_sizes(text: str | None, default: Sequence[int]) -> list[tuple[int, int]]:

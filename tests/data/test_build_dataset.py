@@ -85,7 +85,7 @@ def export(tmp_path_factory):
     result = subprocess.run(command, capture_output=True, text=True, cwd=repo, check=False,
                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3'))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert 'Dataset tool_export 2.0.0' in result.stdout
+    assert f'Dataset tool_export {coco_builder.VERSION}' in result.stdout
     assert "split 'val': 8 of 8 images" in result.stdout
     assert 'image_without_annotations' in result.stdout  # the report is printed
     return json_path, data_dir

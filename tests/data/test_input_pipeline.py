@@ -23,7 +23,8 @@ def _expected_spec(batch, m=6, s=14, h=64, w=64):
         'image_scale': ('float32', (batch,)), 'gt_boxes': ('float32', (batch, m, 4)),
         'gt_classes': ('int32', (batch, m)), 'gt_valid': ('bool', (batch, m)),
         'gt_has_mask': ('bool', (batch, m)),
-        'gt_masks': ('float32', (batch, m, s, s)), 'batch_mask': ('float32', (batch,)),
+        'gt_masks': ('float32', (batch, m, s, s)), 'gt_truncated': ('int32', (batch,)),
+        'batch_mask': ('float32', (batch,)),
     }
 
 

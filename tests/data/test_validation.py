@@ -110,7 +110,9 @@ def test_report_counts_every_problem_and_adds_up(tmp_path):
         'box_outside_image': 1, 'degenerate_polygon': 1, 'polygon_part_dropped': 1,
         'bad_segmentation': 2, 'bad_box': 1, 'unknown_image': 1, 'unknown_category': 1,
         'on_skipped_image': 2, 'missing_image': 1, 'unreadable_image': 1,
-        'truncated_image': 1, 'empty_mask': 1, 'image_without_annotations': 1}
+        'truncated_image': 1, 'empty_mask': 1, 'image_without_annotations': 1,
+        'box_mask_mismatch': 1}
+    assert report.examples['box_mask_mismatch'] == [11]  # the RLE lies left of its box
     assert report.examples['empty_box'] == [14, 15]
     assert report.examples['missing_image'] == [2]
     assert report.examples['on_skipped_image'] == [24, 25]

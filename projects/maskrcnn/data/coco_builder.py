@@ -6,7 +6,8 @@ annotation files. Everything runs offline: images and annotations are local file
 of zip archives named as `archive.zip/member/path` (COCO's official zips need no extraction).
 
 Features of one example (one image):
-  image           uint8 [h, w, 3]   the file's encoded bytes (PNG if TF cannot decode them)
+  image           uint8 [h, w, 3]   upright (EXIF applied): the file's bytes, or a PNG of
+                                    its pixels decoded by image_io.py (16-bit, alpha, ...)
   image/id        int64             COCO image id
   image/filename  text              `file_name` from the JSON
   image/orig_size int32 [2]         (height, width)
@@ -49,7 +50,10 @@ from projects.maskrcnn.data import coco_json
 from projects.maskrcnn.data import files
 from projects.maskrcnn.data import validation
 
-VERSION = '2.0.0'  # 2.0.0: has_mask, validation, build report, evaluation JSON
+# 2.0.0: has_mask, validation, build report, evaluation JSON. 2.1.0: images read by
+# image_io.py (EXIF orientation applied, 16-bit, alpha, CMYK), duplicate files merged,
+# instances per image in the report.
+VERSION = '2.1.0'
 REPORT_FILENAME = 'build_report.json'
 
 def _encode_png(mask: np.ndarray) -> bytes:
@@ -94,13 +98,16 @@ def coco_example(image_info: dict[str, Any], annotations: list[dict[str, Any]],
     image = validation.check_image(data, path, json_size)
     if json_size is None:
         report.add('image_size_from_file', image_info['id'])
-    if image.reencoded:
+    if image.orientation != 1:
+        report.add('exif_orientation', image_info['id'])
+    elif image.reencoded:
         report.add('reencoded_image', image_info['id'])
     height, width = image.height, image.width
     checked = [(ann, validation.check_annotation(ann, height, width, report))
                for ann in annotations]
     kept = [(ann, inst) for ann, inst in checked if inst is not None]
     instances = [inst for _, inst in kept]
+    report.add_instances(sum(not i.is_crowd for i in instances))
     empty_png = _encode_png(np.zeros((height, width), np.uint8))
     example = {
         'image': image.data,
@@ -147,7 +154,7 @@ class _CocoFormatBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         json_path = self._splits[split][0]
         if split not in self._coco_cache:
             if json_path not in self._json_cache:
-                self._json_cache[json_path] = json.loads(files.read_bytes(json_path))
+                self._json_cache[json_path] = coco_json.parse_json(json_path)
             self._coco_cache[split] = coco_json.read_coco_annotations(
                 json_path, split, self._json_cache[json_path])
         return self._coco_cache[split]
@@ -234,6 +241,12 @@ class _CocoFormatBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
             kept_annotations.extend(kept)
             yield image_info['id'], example
         report.check_totals()
+        if not report.images_kept:  # every image skipped: say why, not TFDS's assertion
+            json_path = self._splits[split][0]
+            raise ValueError(
+                f'Split {split!r}: none of the {report.images_in} images of {json_path} could '
+                f'be read from {image_dir}:\n{report.format()}\nCheck the images folder '
+                f'(--images / dataset_configs.{split}_images): file_name is relative to it.')
         self.reports[split] = report
         logging.info('Build report of %s:\n%s', self.name, report.format())
         if split != 'train':

@@ -1,12 +1,18 @@
 """Reading COCO instances JSON files: categories, images and per-image annotations.
 
-Structural faults (not a COCO file, duplicate ids, entries without an integer id) are errors;
-annotations that name an unknown image or category are counted in the split's build report
-(validation.py) and left out.
+Structural faults (not a COCO file, unreadable JSON, no image, duplicate category or image
+ids, two different annotations under one id, entries without an integer id) are errors naming
+the file: pycocotools indexes annotations by id, so one of two would be evaluated twice and the
+other lost (Detectron2's loader refuses them too). Repaired and counted in the split's build
+report (validation.py): an annotation listed twice with the same contents (the copy is
+dropped); an image file listed under several image ids (the entries are merged into the lowest
+id, which gets all their annotations, less exact copies: stored once, no copy's objects count
+as false positives on another); annotations that name an unknown image or category (left out).
 """
 
 import dataclasses
 import json
+import os
 from typing import Any, Optional
 
 from projects.maskrcnn.data import files
@@ -40,6 +46,88 @@ def _require_ids(entries: list[Any], what: str, json_path: str) -> None:
             raise ValueError(f'{json_path}: {what} #{i} has no integer "id": {entry!r:.200}')
 
 
+def parse_json(json_path: str) -> Any:
+    """The parsed contents of a JSON file (or zip member); errors name the file."""
+    data = files.read_bytes(json_path)
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f'{json_path}: not readable as JSON ({len(data)} bytes; {e}); is '
+                         f'the file truncated or of another format?') from None
+
+
+def _content_key(ann: dict[str, Any]) -> str:
+    """The annotation's fields but `id` and `image_id`, comparable across copies."""
+    return json.dumps({k: v for k, v in ann.items() if k not in ('id', 'image_id')},
+                      sort_keys=True, default=str)
+
+
+def _unique_annotations(annotations: list[dict[str, Any]], json_path: str,
+                        report: validation.SplitReport) -> list[dict[str, Any]]:
+    """The annotations less exact copies (counted); raises on one id with two contents."""
+    first, kept, conflicts = {}, [], []
+    for ann in annotations:
+        seen = first.get(ann['id'])
+        if seen is None:
+            first[ann['id']] = ann
+            kept.append(ann)
+        elif seen == ann:
+            report.add('duplicate_annotation', ann['id'])
+        elif ann['id'] not in conflicts:
+            conflicts.append(ann['id'])
+    if conflicts:
+        raise ValueError(f'{json_path}: annotation ids {sorted(conflicts)[:5]} are each used by '
+                         f'annotations with different contents ({len(conflicts)} ids); ids must '
+                         f'be unique (pycocotools would evaluate one twice and lose the other): '
+                         f'renumber the annotations.')
+    return kept
+
+
+def _merge_duplicate_files(images: list[dict[str, Any]], report: validation.SplitReport
+                           ) -> tuple[list[dict[str, Any]], dict[int, int]]:
+    """Images (sorted by id) less those repeating an earlier file_name, and id -> kept id."""
+    by_file, kept, merged = {}, [], {}
+    for image in images:
+        name = os.path.normpath(str(image.get('file_name', '')))
+        if name in by_file:
+            merged[image['id']] = by_file[name]
+            report.add('duplicate_file', image['id'])
+        else:
+            by_file[name] = image['id']
+            kept.append(image)
+    return kept, merged
+
+
+def _per_image(annotations: list[dict[str, Any]], image_ids: set[int],
+               category_ids: set[int], merged: dict[int, int],
+               report: validation.SplitReport) -> dict[int, list[dict[str, Any]]]:
+    """image id -> its annotations sorted by id; unknown references and copies counted."""
+    per_image, contents = {}, set()
+
+    def moved(ann):
+        return isinstance(ann.get('image_id'), int) and ann['image_id'] in merged
+
+    # Moved annotations last, so that the copy dropped is always the moved one.
+    for ann in sorted(annotations, key=moved):
+        if moved(ann):
+            ann = {**ann, 'image_id': merged[ann['image_id']]}
+            key = (ann['image_id'], _content_key(ann))
+            if key in contents:  # the same object annotated on both copies of the file
+                report.add('duplicate_annotation', ann['id'])
+                continue
+            report.add('annotation_moved', ann['id'])
+        if not isinstance(ann.get('image_id'), int) or ann['image_id'] not in image_ids:
+            report.add('unknown_image', ann['id'])
+        elif ann.get('category_id') not in category_ids:
+            report.add('unknown_category', ann['id'])
+        else:
+            contents.add((ann['image_id'], _content_key(ann)))
+            per_image.setdefault(ann['image_id'], []).append(ann)
+    for anns in per_image.values():
+        anns.sort(key=lambda a: a['id'])
+    return per_image
+
+
 def read_coco_annotations(json_path: str, split: str = '',
                           coco: Optional[dict[str, Any]] = None) -> CocoAnnotations:
     """Reads a COCO instances JSON file (a path or 'archive.zip/member').
@@ -50,12 +138,11 @@ def read_coco_annotations(json_path: str, split: str = '',
         coco: the file's parsed contents, if already read.
 
     Raises:
-        ValueError: when the JSON's structure is unusable (not COCO, duplicate category or
-            image ids, entries without an integer id). Annotations of unknown images or
-            categories are not errors: they are counted in the report and left out.
+        ValueError: when the JSON is unusable (see the module docstring); the message
+            names the file. Other problems are counted in the report.
     """
     if coco is None:
-        coco = json.loads(files.read_bytes(json_path))
+        coco = parse_json(json_path)
     if not isinstance(coco, dict) or 'images' not in coco or 'categories' not in coco:
         raise ValueError(f'{json_path}: not a COCO instances JSON (needs "images" and '
                          f'"categories").')
@@ -70,20 +157,15 @@ def read_coco_annotations(json_path: str, split: str = '',
         if len(set(ids)) != len(ids):
             duplicates = sorted({i for i in ids if ids.count(i) > 1})[:5]
             raise ValueError(f'{json_path}: duplicate {what} ids {duplicates}.')
-    images = sorted(coco['images'], key=lambda im: im['id'])
-    image_ids, category_ids = {im['id'] for im in images}, {c['id'] for c in categories}
-    report = validation.SplitReport(split, images_in=len(images),
+    if not coco['images']:
+        raise ValueError(f'{json_path}: "images" is empty; a split needs at least one image.')
+    report = validation.SplitReport(split, images_in=len(coco['images']),
                                     annotations_in=len(annotations))
-    per_image = {}
-    for ann in annotations:
-        if ann.get('image_id') not in image_ids:
-            report.add('unknown_image', ann['id'])
-        elif ann.get('category_id') not in category_ids:
-            report.add('unknown_category', ann['id'])
-        else:
-            per_image.setdefault(ann['image_id'], []).append(ann)
-    for anns in per_image.values():
-        anns.sort(key=lambda a: a['id'])
+    images, merged = _merge_duplicate_files(
+        sorted(coco['images'], key=lambda im: im['id']), report)
+    per_image = _per_image(_unique_annotations(annotations, json_path, report),
+                           {im['id'] for im in images}, {c['id'] for c in categories},
+                           merged, report)
     return CocoAnnotations(coco, categories, images, per_image, report)
 
 

@@ -50,6 +50,7 @@ import os
 import shutil
 from typing import Any, Callable, Optional
 
+from absl import logging
 import tensorflow as tf
 from clu import data as clu_data
 
@@ -98,6 +99,39 @@ _DEFAULTS = {
 _PATH_KEYS = ('train_annotations', 'train_images', 'val_annotations', 'val_images')
 
 
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+# key -> number of elements (None: one or more) of the dataset_configs sequences.
+_SEQUENCES = {'image_size': 2, 'train_min_sizes': None, 'pixel_mean': 3, 'pixel_std': 3,
+              'lsj_scale_range': 2}
+
+
+def _check_values(cfg: dict[str, Any]) -> None:
+    """Raises ValueError naming the first dataset_configs key with an impossible value."""
+    for key, length in _SEQUENCES.items():
+        value = cfg[key]
+        ok = isinstance(value, (list, tuple)) and (len(value) == length if length else value)
+        if not ok or not all(isinstance(v, (int, float)) for v in value):
+            shape = {2: '(a, b)', 3: '(a, b, c)', None: '(a, ...)'}[length]
+            raise ValueError(f'dataset_configs.{key}={value!r} must be {shape} numbers, e.g. '
+                             f'--config.dataset_configs.{key}="{_example(key)}".')
+    for key in ('image_size', 'train_min_sizes', 'pixel_std'):
+        if not all(_positive(v) for v in cfg[key]):
+            raise ValueError(f'dataset_configs.{key}={cfg[key]!r} must be positive.')
+    for key in ('max_size', 'eval_min_size', 'max_instances', 'gt_mask_size',
+                'shuffle_buffer_size'):
+        if not _positive(cfg[key]):
+            raise ValueError(f'dataset_configs.{key}={cfg[key]!r} must be a positive number.')
+
+
+def _example(key: str) -> str:
+    return {'image_size': '(1024, 1024)', 'train_min_sizes': '(640, 800)',
+            'pixel_mean': '(123.675, 116.28, 103.53)', 'pixel_std': '(58.395, 57.12, 57.375)',
+            'lsj_scale_range': '(0.1, 2.0)'}[key]
+
+
 def _read_configs(dataset_name: str, dataset_configs: Any) -> dict[str, Any]:
     """dataset_configs (dict or ConfigDict, may be None) merged over the defaults."""
     defaults = _DEFAULTS[dataset_name]
@@ -112,6 +146,7 @@ def _read_configs(dataset_name: str, dataset_configs: Any) -> dict[str, Any]:
         missing = []  # no paths: a dataset prepared under `name`
     if missing:
         raise ValueError(f'dataset_configs needs {missing} for dataset {dataset_name!r}.')
+    _check_values(cfg)
     for key in ('image_size', 'train_min_sizes', 'pixel_mean', 'pixel_std', 'lsj_scale_range'):
         cfg[key] = tuple(cfg[key])
     low, high = cfg['lsj_scale_range']
@@ -139,6 +174,8 @@ def _build_dataset(builder: Any, val_annotations_file: Optional[str], cfg: dict[
         shuffle_seed = 0
     # As in Scenic, batch sizes given to a builder are per process already.
     for what, size in (('batch_size', batch_size), ('eval_batch_size', eval_batch_size)):
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+            raise ValueError(f'{what}={size!r} (per process) must be a positive integer.')
         if size % num_shards:
             raise ValueError(f'{what}={size} (per process) is not divisible by the '
                              f'{num_shards} local devices.')
@@ -172,6 +209,8 @@ def _build_dataset(builder: Any, val_annotations_file: Optional[str], cfg: dict[
                          f'JSON (built before version {coco_builder.VERSION}): rebuild it, or '
                          f'give dataset_configs.val_annotations and the other paths.')
     category_ids, category_names = coco_builder.category_metadata(builder)
+    if index == 0:
+        _warn_truncation(builder, cfg['max_instances'])
     height, width = cfg['image_size']
     meta_data = {
         'num_classes': len(category_ids),
@@ -195,6 +234,23 @@ def _build_dataset(builder: Any, val_annotations_file: Optional[str], cfg: dict[
         return scenic_dataset_utils.Dataset(train_iter, valid_iter, None, meta_data)
     return Dataset(train_iter, valid_iter, None, meta_data, train_ds=train_ds,
                    valid_ds=valid_ds)
+
+
+def _warn_truncation(builder: Any, max_instances: int) -> None:
+    """Warns once when the build report shows images with more than `max_instances`
+    instances: training keeps the first ones (`train/truncated_instances` counts the rest)."""
+    for split, report in coco_builder.build_report(builder).items():
+        images, instances = report.beyond(max_instances)
+        if images:
+            effect = ('left out of training in each epoch (train/truncated_instances counts '
+                      'them per step)' if split == 'train' else
+                      'left out of the validation loss (AP reads the evaluation JSON and '
+                      'keeps them)')
+            logging.warning(
+                'Split %r of %s has %d images with more than dataset_configs.max_instances=%d '
+                'instances (at most %d in one image): %d instances are %s; raise '
+                'dataset_configs.max_instances to keep them.', split, builder.name, images,
+                max_instances, max(report.instances_per_image), instances, effect)
 
 
 def _check_unsupported(dataset_service_address: Optional[str]) -> None:
@@ -294,6 +350,10 @@ def get_dataset_from_config(config: Any, data_rng: Any) -> Any:
     per-process batch sizes, `num_shards` = local devices."""
     import jax  # pylint: disable=g-import-not-at-top
     for key in ('batch_size', 'eval_batch_size'):
+        value = config.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f'config.{key}={value!r} must be a positive integer (a multiple '
+                             f'of the {jax.device_count()} devices).')
         if config[key] % jax.device_count():
             raise ValueError(f'config.{key}={config[key]} is not divisible by the '
                              f'{jax.device_count()} devices')

@@ -96,7 +96,8 @@ def crop_masks(masks: tf.Tensor, boxes: tf.Tensor, height: tf.Tensor, width: tf.
 
 def _select_instances(objects: Example, window: tf.Tensor, max_instances: int,
                       drop_invalid: bool) -> tuple[tf.Tensor, ...]:
-    """Boxes clipped to `window`, classes 1..K, validity, has_mask and masks (at most M).
+    """Boxes clipped to `window`, classes 1..K, validity, has_mask and masks (at most M),
+    and the number of instances beyond M that are left out (int32 scalar).
 
     Args:
         objects: the example's instances.
@@ -115,10 +116,11 @@ def _select_instances(objects: Example, window: tf.Tensor, max_instances: int,
     keep = tf.range(tf.shape(boxes)[0])
     if drop_invalid:
         keep = tf.boolean_mask(keep, valid)
+    truncated = tf.maximum(tf.size(keep) - max_instances, 0)
     keep = keep[:max_instances]
     classes = tf.cast(tf.gather(objects['label'], keep), tf.int32) + 1
     return (tf.gather(boxes, keep), classes, tf.gather(valid, keep), tf.gather(has_mask, keep),
-            tf.gather(objects['mask'], keep))
+            tf.gather(objects['mask'], keep), truncated)
 
 
 def pad_to(x: tf.Tensor, length: int) -> tf.Tensor:
@@ -148,7 +150,7 @@ def padded_shapes(image_size: Sequence[int], max_instances: int,
     m, s = max_instances, gt_mask_size
     return {'image': [*image_size, 3], 'image_id': [], 'orig_size': [2], 'image_size': [2],
             'image_scale': [], 'gt_boxes': [m, 4], 'gt_classes': [m], 'gt_valid': [m],
-            'gt_has_mask': [m], 'gt_masks': [m, s, s], 'batch_mask': []}
+            'gt_has_mask': [m], 'gt_masks': [m, s, s], 'gt_truncated': [], 'batch_mask': []}
 
 
 def _normalise_and_resize(image: tf.Tensor, size: tf.Tensor, pixel_mean: Sequence[float],
@@ -203,7 +205,7 @@ def _transform(example: Example, geometry: Geometry, *, flip: BoolLike,
     window = tf.concat([corner / scale, tf.minimum((corner + [kept_w, kept_h]) / scale,
                                                    [w, h])], 0)
 
-    boxes, classes, valid, has_mask, masks = _select_instances(
+    boxes, classes, valid, has_mask, masks, truncated = _select_instances(
         example['objects'], window, max_instances, drop_invalid)
     gt_masks = crop_masks(masks, boxes, height, width, gt_mask_size)  # [n, S, S]
     # A box-only instance has no mask: its box is the best stand-in (gt_has_mask False).
@@ -234,6 +236,7 @@ def _transform(example: Example, geometry: Geometry, *, flip: BoolLike,
         'gt_valid': valid,
         'gt_has_mask': has_mask,
         'gt_masks': gt_masks,
+        'gt_truncated': truncated,
         'batch_mask': tf.constant(1.0, tf.float32),
     }
     # Padding inside `padded_batch` instead writes the large arrays once, not twice.
@@ -270,7 +273,8 @@ def resize_and_pad_example(example: Example, *, min_size: FloatLike, max_size: f
     Returns:
         The keys of CONVENTIONS.md without the batch dimension: image [H, W, 3],
         image_id [], orig_size [2], image_size [2], image_scale [], gt_boxes [M, 4],
-        gt_classes [M], gt_valid [M], gt_has_mask [M], gt_masks [M, S, S], batch_mask [].
+        gt_classes [M], gt_valid [M], gt_has_mask [M], gt_masks [M, S, S],
+        gt_truncated [] (instances beyond M left out), batch_mask [].
     """
     out_h, out_w = image_size
 

@@ -14,13 +14,14 @@ dropped annotations.
 """
 
 import dataclasses
-import io
 import math
 from typing import Any, Optional
 
 import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
+
+from projects.maskrcnn.data import image_io
 
 DROPPED = 'annotation dropped'
 SKIPPED = 'image skipped'
@@ -31,29 +32,39 @@ KEPT = 'kept'
 KINDS = {
     'unknown_image': (DROPPED, 'image_id is not in `images`'),
     'unknown_category': (DROPPED, 'category_id is not in `categories`'),
+    'duplicate_annotation': (DROPPED, 'an annotation listed twice (same id and fields, or '
+                                      'same fields on a merged duplicate image)'),
+    'bad_iscrowd': (DROPPED, 'iscrowd is not 0, 1, true or false'),
     'bad_box': (DROPPED, 'bbox missing or not 4 finite numbers'),
     'empty_box': (DROPPED, 'box with zero or negative width or height'),
     'box_outside_image': (DROPPED, 'box does not overlap the image'),
     'degenerate_polygon': (DROPPED, 'every polygon has fewer than 3 points'),
     'bad_segmentation': (DROPPED, 'RLE of another size than the image, or malformed'),
     'on_skipped_image': (DROPPED, 'annotation of a skipped image'),
+    'duplicate_file': (SKIPPED, 'file_name of an image listed under a lower id: merged into '
+                                'it (its annotations moved there)'),
     'missing_image': (SKIPPED, 'file not found'),
     'unreadable_image': (SKIPPED, 'not a decodable image'),
     'truncated_image': (SKIPPED, 'file ends before the image does'),
     'image_size_mismatch': (SKIPPED, 'height/width in the JSON differ from the file'),
+    'annotation_moved': (FIXED, 'annotation of a duplicate_file image: image_id set to the '
+                                'first image of that file'),
     'box_clipped': (FIXED, 'box reaches more than 1 pixel outside the image: clipped'),
     'polygon_part_dropped': (FIXED, 'polygons with fewer than 3 points removed'),
     'image_size_from_file': (FIXED, 'height/width missing in the JSON: read from the file'),
-    'reencoded_image': (FIXED, 'format TensorFlow cannot decode: stored as PNG'),
+    'reencoded_image': (FIXED, '16-bit, alpha, CMYK or a format TensorFlow reads otherwise: '
+                               'decoded by image_io.py and stored as PNG'),
+    'exif_orientation': (FIXED, 'EXIF orientation tag not 1: stored upright (image_io.py)'),
     'no_segmentation': (KEPT, 'no segmentation: box only (has_mask False)'),
     'empty_mask': (KEPT, 'segmentation covers no pixel: box only (has_mask False)'),
+    'box_mask_mismatch': (KEPT, "box and the mask's extent disagree (IoU < 0.5): the mask "
+                                'is cropped to the box in training'),
     'crowd': (KEPT, 'crowd region: ignored in training, counted in evaluation'),
     'image_without_annotations': (KEPT, 'image with no (valid) annotation'),
 }
 MAX_EXAMPLES = 5
+MISMATCH_IOU = 0.5  # box vs. mask extent below this counts as box_mask_mismatch
 BOX_TOLERANCE = 1.0  # pixels a box may reach outside the image before it counts as clipped
-# Formats `tf.io.decode_image` reads (PIL's names; MPO is a multi-picture JPEG).
-TF_FORMATS = frozenset({'JPEG', 'MPO', 'PNG', 'GIF', 'BMP', 'WEBP'})
 
 
 class BadImageError(ValueError):
@@ -75,6 +86,17 @@ class SplitReport:
     annotations_kept: int = 0
     counts: dict[str, int] = dataclasses.field(default_factory=dict)
     examples: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
+    # Non-crowd instances of a kept image (those training can use) -> number of images.
+    instances_per_image: dict[int, int] = dataclasses.field(default_factory=dict)
+
+    def add_instances(self, count: int) -> None:
+        """Counts a kept image with `count` non-crowd instances."""
+        self.instances_per_image[count] = self.instances_per_image.get(count, 0) + 1
+
+    def beyond(self, max_instances: int) -> tuple[int, int]:
+        """(images with more than `max_instances` non-crowd instances, instances beyond it)."""
+        over = {n: k for n, k in self.instances_per_image.items() if n > max_instances}
+        return sum(over.values()), sum((n - max_instances) * k for n, k in over.items())
 
     def add(self, kind: str, item_id: Any) -> None:
         if kind not in KINDS:
@@ -102,6 +124,9 @@ class SplitReport:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> 'SplitReport':
+        d = dict(d)
+        d['instances_per_image'] = {int(n): k for n, k in
+                                    d.get('instances_per_image', {}).items()}
         return cls(**d)
 
     def format(self) -> str:
@@ -116,21 +141,15 @@ class SplitReport:
                              f'({KINDS[kind][1]}); ids: {ids}{more}')
         if len(lines) == 1:
             lines.append('  no problems')
+        if self.instances_per_image:
+            lines.append(f'  at most {max(self.instances_per_image)} non-crowd instances in '
+                         'one image (dataset_configs.max_instances keeps the first ones)')
         return '\n'.join(lines)
 
 
-@dataclasses.dataclass(frozen=True)
-class CheckedImage:
-    """A usable image: its bytes (re-encoded if TF cannot decode the original) and size."""
-    data: bytes
-    height: int
-    width: int
-    reencoded: bool
-
-
 def check_image(data: bytes, path: str, json_size: Optional[tuple[int, int]]
-                ) -> CheckedImage:
-    """Decodes an image fully to prove it is usable.
+                ) -> image_io.StoredImage:
+    """Decodes an image fully (by image_io's rules) to prove it is usable.
 
     Args:
         data: the file's bytes.
@@ -138,34 +157,31 @@ def check_image(data: bytes, path: str, json_size: Optional[tuple[int, int]]
         json_size: (height, width) from the JSON, or None when the JSON has none.
 
     Returns:
-        The image to store.
+        The image to store (upright: EXIF orientation applied).
 
     Raises:
         BadImageError: unreadable, truncated, or of another size than the JSON says.
     """
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()  # decodes everything: a truncated file fails here
+        image = image_io.stored_image(data)
     except OSError as e:  # PIL's UnidentifiedImageError is an OSError too
         kind = 'truncated_image' if 'truncated' in str(e).lower() else 'unreadable_image'
         raise BadImageError(kind, path, str(e)) from None
     except (ValueError, SyntaxError, Image.DecompressionBombError) as e:
         # PIL raises the first two for some corrupt headers, the last above 179M pixels.
         raise BadImageError('unreadable_image', path, str(e)) from None
-    width, height = image.size
-    if json_size is not None and tuple(json_size) != (height, width):
+    if json_size is not None and tuple(json_size) != (image.height, image.width):
         hint = ''
-        if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientation swaps axes
-            hint = ' (EXIF orientation rotates it: TensorFlow ignores EXIF)'
+        if image.orientation in image_io.SWAPS_AXES and tuple(json_size) == image.stored_size:
+            hint = (f'; the JSON has the size before the EXIF orientation {image.orientation}, '
+                    'so the annotations were drawn on the unrotated pixels, but images are '
+                    'read upright (EXIF applied, as annotation tools and Detectron2 do): '
+                    're-export them from a tool that applies EXIF, or remove the tag '
+                    '(exiftool -Orientation=1 -n FILE)')
         raise BadImageError('image_size_mismatch', path,
-                            f'the JSON says {tuple(json_size)} (height, width), the file is '
-                            f'{(height, width)}{hint}')
-    reencoded = image.format not in TF_FORMATS
-    if reencoded:
-        buffer = io.BytesIO()
-        image.convert('RGB').save(buffer, format='png')
-        data = buffer.getvalue()
-    return CheckedImage(data, height, width, reencoded)
+                            f'the JSON says {tuple(json_size)} (height, width), the file '
+                            f'read upright is {(image.height, image.width)}{hint}')
+    return image
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,6 +292,27 @@ def decode_segmentation(ann: dict[str, Any], height: int, width: int, report: Sp
     return True, mask
 
 
+def _iscrowd(ann: dict[str, Any], report: SplitReport) -> Optional[bool]:
+    """The annotation's crowd flag, or None (counted) unless it is 0, 1, true or false."""
+    value = ann.get('iscrowd', 0)
+    # A string such as "false" would be truthy; pycocotools would read it as a crowd.
+    if isinstance(value, (bool, int, float)) and value in (0, 1):
+        return bool(value)
+    report.add('bad_iscrowd', ann['id'])
+    return None
+
+
+def _box_disagrees(box: np.ndarray, mask: np.ndarray) -> bool:
+    """Whether the mask's extent and the xyxy box overlap with IoU < MISMATCH_IOU and
+    differ by more than rasterisation could explain (2 pixels on some side)."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    extent = np.array([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1], np.float64)
+    inter = np.prod(np.maximum(np.minimum(box[2:], extent[2:]) -
+                               np.maximum(box[:2], extent[:2]), 0.0))
+    union = np.prod(box[2:] - box[:2]) + np.prod(extent[2:] - extent[:2]) - inter
+    return inter / union < MISMATCH_IOU and np.abs(extent - box).max() > 2.0
+
+
 def check_annotation(ann: dict[str, Any], height: int, width: int,
                      report: SplitReport) -> Optional[Instance]:
     """The annotation as an `Instance`, or None (counted in `report`) if it is dropped.
@@ -287,13 +324,17 @@ def check_annotation(ann: dict[str, Any], height: int, width: int,
         report: where problems are counted.
     """
     repairs = {}
+    is_crowd = _iscrowd(ann, report)
+    if is_crowd is None:
+        return None
     box = _check_box(ann, height, width, report, repairs)
     if box is None:
         return None
     usable, mask = decode_segmentation(ann, height, width, report, repairs)
     if not usable:
         return None
-    is_crowd = bool(ann.get('iscrowd', 0))
+    if mask is not None and _box_disagrees(box, mask):
+        report.add('box_mask_mismatch', ann['id'])
     if is_crowd:
         report.add('crowd', ann['id'])
     area = ann.get('area')
