@@ -259,6 +259,7 @@ def test_boxes_are_clipped_to_the_original_image(gt):
     preds, batch = _make_batch(dets, [2])
     preds['detection_boxes'] *= 2.0
     batch['image_scale'][:] = 2.0
+    batch['image_size'] = batch['orig_size'] * 2
     evaluator.add_batch(preds, batch)
     (result,) = evaluator.results
     np.testing.assert_allclose(result['bbox'], [0, 50, 60, 30])
@@ -369,3 +370,15 @@ def test_per_category_ap_without_detections(gt):
     # Image 2 holds categories 7 and 0 only.
     box = evaluator.per_category['box']
     assert box[7] == 0.0 and box[0] == 0.0 and np.isnan(box[42])
+
+
+def test_boxes_are_mapped_back_per_axis_from_the_resized_size(gt, tmp_path):
+    # A 100x120 image resized to 213x256 (a floor rule): y scales by 2.13, x by 2.1333.
+    box = np.array([10., 20., 60., 80.], np.float32)
+    preds, batch = _make_batch([[(box, 1, 0.9, np.ones((MASK_SIZE, MASK_SIZE)))]], [1])
+    batch['image_size'] = np.array([[213, 256]], np.int32)
+    batch['image_scale'] = np.array([2.13], np.float32)   # the one-scale answer would differ in x
+    preds['detection_boxes'][0, 0] = box * np.array([256 / 120, 213 / 100, 256 / 120, 213 / 100])
+    _evaluate(gt[0], [(preds, batch)], output_dir=str(tmp_path))
+    result = json.loads((tmp_path / evaluation.RESULTS_FILENAME).read_text())[0]
+    np.testing.assert_allclose(result['bbox'], [10., 20., 50., 60.], atol=1e-4)

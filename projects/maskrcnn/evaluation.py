@@ -208,7 +208,10 @@ class CocoEvaluator:
             `detection_masks` [B, D, m, m] mask probabilities in box
             coordinates. Entries with class 0 or valid False are ignored.
           batch: `image_id` [B], `orig_size` [B, 2], `image_scale` [B] and
-            `batch_mask` [B]; examples with batch_mask 0 are ignored.
+            `batch_mask` [B]; examples with batch_mask 0 are ignored. With
+            `image_size` [B, 2] (the resized size before padding), boxes are
+            mapped back per axis (resized / original on each axis), as
+            torchvision's and Detectron2's postprocessing do.
         """
         with_masks = predictions.get('detection_masks') is not None
         if self._with_masks is not None and with_masks != self._with_masks:
@@ -224,7 +227,8 @@ class CocoEvaluator:
         masks = np.asarray(predictions['detection_masks']) if with_masks else None
         image_ids = np.asarray(batch['image_id'])
         orig_sizes = np.asarray(batch['orig_size'])
-        image_scales = np.asarray(batch['image_scale'])
+        image_scales = np.asarray(batch['image_scale'], np.float64)
+        resized = np.asarray(batch['image_size'], np.float64) if 'image_size' in batch else None
         for i in np.flatnonzero(np.asarray(batch['batch_mask']) > 0):
             image_id = int(image_ids[i])
             if image_id not in self._gt_image_ids:
@@ -238,7 +242,8 @@ class CocoEvaluator:
                 masks[i][keep[i]] if with_masks else None,
                 image_id=image_id,
                 orig_size=tuple(orig_sizes[i]),
-                image_scale=float(image_scales[i]),
+                image_scale=(float(image_scales[i]) if resized is None
+                             else tuple(resized[i] / orig_sizes[i])),
                 category_ids=self._category_ids,
                 mask_threshold=self._mask_threshold))
 

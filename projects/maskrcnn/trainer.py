@@ -132,7 +132,8 @@ def evaluate(state: TrainState, eval_fn, loss_fn, dataset, config, workdir: str,
     for batch in dataset.valid_iter():
         device_batch = put({k: batch[k] for k in ('image', 'image_size', *GT_KEYS) if k in batch})
         predictions = jax.device_get(eval_fn(state, device_batch))
-        host = _host_batch(batch, ('image_id', 'orig_size', 'image_scale', 'batch_mask'))
+        host = _host_batch(batch, ('image_id', 'orig_size', 'image_size', 'image_scale',
+                                   'batch_mask'))
         evaluator.add_batch(predictions, host)
         if len(images) < num_images:
             # This process's examples are the first rows of the replicated predictions.
