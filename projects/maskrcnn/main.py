@@ -18,7 +18,7 @@ from clu import metric_writers
 import jax
 import ml_collections
 
-from projects.maskrcnn import host_memory, trainer
+from projects.maskrcnn import host_memory, trainer, workdir_lock
 from projects.maskrcnn.data import dataset as dataset_lib
 from projects.maskrcnn.model import MaskRCNNModel
 from projects.maskrcnn.scenic_compat import SCENIC_AVAILABLE, runtime_name
@@ -56,10 +56,11 @@ def initialize_distributed() -> None:
 def main(rng: jax.Array, config: ml_collections.ConfigDict, workdir: str,
          writer: metric_writers.MetricWriter) -> None:
     logging.info('Detectax runtime: %s; host memory: %s', runtime_name(), _HOST_MEMORY)
-    data_rng, rng = jax.random.split(rng)
-    dataset = get_dataset(config, data_rng)
-    trainer.train_and_evaluate(rng=rng, config=config, model_cls=MaskRCNNModel,
-                               dataset=dataset, workdir=workdir, writer=writer)
+    with workdir_lock.hold(workdir):  # before the dataset: a second run stops at once
+        data_rng, rng = jax.random.split(rng)
+        dataset = get_dataset(config, data_rng)
+        trainer.train_and_evaluate(rng=rng, config=config, model_cls=MaskRCNNModel,
+                                   dataset=dataset, workdir=workdir, writer=writer)
 
 
 if __name__ == '__main__':
