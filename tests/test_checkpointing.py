@@ -176,3 +176,16 @@ def test_digest_names_the_first_changed_file(tmp_path):
     (step / 'b').write_bytes(b'xyz')
     (step / 'default' / 'a').unlink()
     assert checkpointing.verify_step(str(step)) == f'{step}/default/a: file missing'
+
+
+def test_predict_refuses_a_damaged_checkpoint(trained, tmp_path):
+    from projects.maskrcnn import predict  # pylint: disable=g-import-not-at-top
+    workdir = _copy(trained, tmp_path, 'predict')
+    data_file = _largest_data_file(os.path.join(workdir, 'checkpoints', '4'))
+    _garble(data_file)
+    model = predict.build_model(_config(trained[0]), 3)
+    with pytest.raises(ValueError, match=f'{data_file}: contents differ'):
+        predict.restore_variables(workdir, model, (64, 64))
+    variables = predict.restore_variables(os.path.join(workdir, 'checkpoints', '2'), model,
+                                          (64, 64))
+    assert 'params' in variables

@@ -41,7 +41,7 @@ from PIL import Image, ImageOps
 from pycocotools import mask as mask_utils
 import tqdm
 
-from projects.maskrcnn import evaluation, serving_loader, visualization
+from projects.maskrcnn import checkpointing, evaluation, serving_loader, visualization
 from projects.maskrcnn.data import coco_json, dataset as dataset_lib
 from projects.maskrcnn.model import MaskRCNNModel
 
@@ -136,6 +136,11 @@ def restore_variables(checkpoint: str, model: MaskRCNNModel,
     e.g. when the config is not the one the checkpoint was trained with.
     """
     item_dir = _step_item_dir(checkpoint)
+    problem = checkpointing.verify_step(os.path.dirname(item_dir))
+    if problem:
+        raise ValueError(f'The checkpoint {os.path.dirname(item_dir)} is damaged: {problem}. '
+                         f'Pass an earlier step directory as --checkpoint, or rerun training '
+                         f'on the workdir (it resumes from the last good step).')
     tree = _checkpoint_tree(item_dir)
     item = {'params': tree['params'], 'model_state': tree.get('model_state') or {}}
     restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),

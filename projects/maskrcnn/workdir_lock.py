@@ -23,6 +23,7 @@ import jax
 LOCK_FILE = '.detectax_lock'
 
 _held: dict[str, int] = {}  # real path of a workdir -> nesting depth in this process
+_taken = [0]  # acquisitions so far: each shares its outcome under its own key
 
 
 class WorkdirInUseError(RuntimeError):
@@ -147,7 +148,8 @@ def acquire(workdir: str) -> None:
     if jax.process_index() == 0:
         os.makedirs(real, exist_ok=True)
         error = _take(real)
-    error = _share(error, f'detectax_workdir_lock:{real}')
+    _taken[0] += 1
+    error = _share(error, f'detectax_workdir_lock:{_taken[0]}:{real}')
     if error:
         raise WorkdirInUseError(error)
     _held[real] = 1
