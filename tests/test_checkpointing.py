@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from clu import metric_writers
 
-from projects.maskrcnn import checkpointing, main as main_lib, trainer
+from projects.maskrcnn import checkpointing, trainer
+from projects.maskrcnn import main as main_lib
 from projects.maskrcnn.model import MaskRCNNModel
 from tests import tiny_shapes_config as tiny_shapes
 

@@ -4,6 +4,7 @@ run's lock is taken over."""
 import json
 import logging
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -30,7 +31,7 @@ def test_held_lock_names_this_process_and_is_released(tmp_path):
     with workdir_lock.hold(workdir):
         with workdir_lock.hold(workdir):  # re-entrant: main.py and the trainer both hold it
             pass
-        holder = json.loads(open(_lock_path(workdir), encoding='utf-8').read())
+        holder = json.loads(pathlib.Path(_lock_path(workdir)).read_text(encoding='utf-8'))
         assert holder['pid'] == os.getpid() and holder['host'] == socket.gethostname()
     assert not os.path.exists(_lock_path(workdir))
 
@@ -38,7 +39,7 @@ def test_held_lock_names_this_process_and_is_released(tmp_path):
 def test_second_main_stops_within_10_seconds_naming_the_holder(tmp_path):
     workdir = str(tmp_path / 'busy')
     with workdir_lock.hold(workdir):
-        holder = json.loads(open(_lock_path(workdir), encoding='utf-8').read())
+        holder = json.loads(pathlib.Path(_lock_path(workdir)).read_text(encoding='utf-8'))
         start = time.monotonic()
         code, output = run_utils.run(
             run_utils.main_command(workdir, str(tmp_path / 'tfds')), run_utils.subprocess_env(),
@@ -58,10 +59,9 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, caplog):
     pid = _dead_pid()
     stale = {'host': socket.gethostname(), 'pid': pid, 'started': '2026-01-01T00:00:00+00:00'}
     (workdir / workdir_lock.LOCK_FILE).write_text(json.dumps(stale))
-    with caplog.at_level(logging.WARNING, logger='absl'):
-        with workdir_lock.hold(str(workdir)):
-            holder = json.loads((workdir / workdir_lock.LOCK_FILE).read_text())
-            assert holder['pid'] == os.getpid()
+    with caplog.at_level(logging.WARNING, logger='absl'), workdir_lock.hold(str(workdir)):
+        holder = json.loads((workdir / workdir_lock.LOCK_FILE).read_text())
+        assert holder['pid'] == os.getpid()
     messages = [r.getMessage() for r in caplog.records if 'stale lock' in r.getMessage()]
     assert len(messages) == 1 and f'pid {pid} no longer runs' in messages[0], messages
 

@@ -14,6 +14,7 @@ The input pipeline's position (`data_state/step_<N>*`) is pruned with the
 checkpoints it belongs to.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,11 +22,11 @@ import re
 import shutil
 from typing import Any
 
-from absl import logging
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
 
 from projects.maskrcnn import loop_utils
 
@@ -184,6 +185,32 @@ def save(manager: ocp.CheckpointManager, state: Any, train_iter, workdir: str) -
     logging.info('Saved checkpoint for step %d in %s', step, manager.directory)
 
 
+_open_managers: list[ocp.CheckpointManager] = []
+
+
+def open_manager(directory: str, max_to_keep: int) -> ocp.CheckpointManager:
+    """The run's CheckpointManager, closed by `closing_managers` whatever happens."""
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True))
+    _open_managers.append(manager)
+    return manager
+
+
+@contextlib.contextmanager
+def closing_managers():
+    """Finishes and closes the managers opened inside, on errors too: orbax's
+    background threads then end before the interpreter does, instead of
+    burying the error under "Event loop is closed" ones."""
+    first = len(_open_managers)
+    try:
+        yield
+    finally:
+        while len(_open_managers) > first:
+            manager = _open_managers.pop()
+            manager.wait_until_finished()
+            manager.close()
+
+
 def _steps(directory: str) -> list[int]:
     if not os.path.isdir(directory):
         return []
@@ -192,13 +219,19 @@ def _steps(directory: str) -> list[int]:
 
 
 def _short_error(error: Exception) -> str:
-    """An orbax/tensorstore error in one line: the file it names and its cause."""
-    text = str(error).split(' [tensorstore_spec')[0]
-    files = re.findall(r'local file "([^"]+)"', text)
-    cause = text.rsplit(': ', 1)[-1] if ': ' in text else text
-    where = files[-1] if files else ''
-    return f'{where}: {type(error).__name__}: {cause}'[:500] if where else \
-        f'{type(error).__name__}: {text[:400]}'
+    """An orbax/tensorstore error in one line, from the innermost exception of
+    its chain that names a file (tensorstore names the file and the array)."""
+    chain, seen = [], error
+    while seen is not None and len(chain) < 10:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for e in reversed(chain):
+        text = str(e).split(' [tensorstore_spec')[0].strip()
+        files = re.findall(r'local file "([^"]+)"', text)
+        if files:
+            return f'{files[-1]}: {type(e).__name__}: {text.splitlines()[0][:400]}'
+    first = str(error).strip().splitlines()[0] if str(error).strip() else ''
+    return f'{type(error).__name__}: {first[:400]}'
 
 
 def _restore_step(path: str, abstract: Any, workdir: str, step: int, train_iter) -> Any:
@@ -228,7 +261,7 @@ def _restore_step(path: str, abstract: Any, workdir: str, step: int, train_iter)
     if hasattr(train_iter, 'restore') and os.path.exists(data_path + '.index'):
         try:
             train_iter.restore(data_path)
-        except Exception as e:  # pylint: disable=broad-except
+        except Exception as e:  # TensorFlow raises many kinds
             raise ValueError(f'{data_path}.index: unreadable input-pipeline state '
                              f'({type(e).__name__}: {str(e).splitlines()[0][:300]})') from e
     elif hasattr(train_iter, 'restore'):
@@ -264,7 +297,7 @@ def _try_steps(directory: str, steps: list[int], abstract: Any, workdir: str, tr
                 return step, _restore_step(path, abstract, workdir, step, train_iter), damaged
             except CheckpointMismatchError:
                 raise
-            except Exception as e:  # pylint: disable=broad-except
+            except Exception as e:  # noqa: BLE001  (any failure makes the step unusable)
                 problem = _short_error(e)
         damaged.append((step, problem))
         logging.warning('Checkpoint step %d is damaged: %s. Trying the previous step.',
@@ -305,7 +338,7 @@ def restore_latest_good(directory: str, state: Any, train_iter, workdir: str) ->
         raise NoGoodCheckpointError(
             f'No usable checkpoint in {directory}: ' +
             '; '.join(f'step {s}: {p}' for s, p in damaged) +
-            f'. Nothing was moved or deleted; use a new --workdir to start over.')
+            '. Nothing was moved or deleted; use a new --workdir to start over.')
     prune_data_state(workdir, [s for s in steps if s <= step])
     logging.info('Resumed from checkpoint at step %d', step)
     return restored

@@ -12,13 +12,20 @@ itself (Cloud TPU pod slices, SLURM, Open MPI). See BUILD_NOTES.md.
 """
 
 import os
+import sys
+
+from projects.maskrcnn import workdir_lock
+
+if __name__ == '__main__':
+    # Before TensorFlow and JAX load (seconds): a run on a busy workdir stops at once.
+    workdir_lock.exit_if_busy(sys.argv)
 
 from absl import logging
 from clu import metric_writers
 import jax
 import ml_collections
 
-from projects.maskrcnn import host_memory, trainer, workdir_lock
+from projects.maskrcnn import host_memory, trainer
 from projects.maskrcnn.data import dataset as dataset_lib
 from projects.maskrcnn.model import MaskRCNNModel
 from projects.maskrcnn.scenic_compat import SCENIC_AVAILABLE, runtime_name

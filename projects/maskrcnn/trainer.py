@@ -144,7 +144,7 @@ def data_parallel_mesh() -> jax.sharding.Mesh:
 
 def train_and_evaluate(*, workdir: str, **kwargs) -> tuple[TrainState, dict]:
     """`_train_and_evaluate` while holding the workdir (one run per workdir)."""
-    with workdir_lock.hold(workdir):
+    with workdir_lock.hold(workdir), checkpointing.closing_managers():
         return _train_and_evaluate(workdir=workdir, **kwargs)
 
 
@@ -191,9 +191,8 @@ def _train_and_evaluate(*, rng: jax.Array, config: ml_collections.ConfigDict, mo
     checkpoint_dir = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     state = checkpointing.restore_latest_good(checkpoint_dir, state, dataset.train_iter,
                                               workdir)
-    manager = ocp.CheckpointManager(
-        checkpoint_dir, options=ocp.CheckpointManagerOptions(
-            max_to_keep=config.get('max_checkpoints_to_keep', 3), create=True))
+    manager = checkpointing.open_manager(checkpoint_dir,
+                                         config.get('max_checkpoints_to_keep', 3))
     start_step = int(jax.device_get(state.step))
 
     skip_nonfinite = bool(config.get('skip_nonfinite_steps', False))

@@ -7,6 +7,9 @@ host, or now belongs to another process) is taken over with a log line. In a
 multi-process run only process 0 holds the file; the others learn its outcome
 through jax.distributed's key-value store, so every process of a refused job
 stops with the same message.
+
+JAX is imported only where needed, so that `exit_if_busy` can run before the
+program loads TensorFlow and JAX.
 """
 
 import atexit
@@ -18,7 +21,6 @@ import socket
 import sys
 
 from absl import logging
-import jax
 
 LOCK_FILE = '.detectax_lock'
 
@@ -79,11 +81,36 @@ def _read(path: str) -> dict | None:
         return None
 
 
+def _busy_message(workdir: str, holder: dict) -> str:
+    return (f'The workdir {workdir} is in use by another run ({_describe(holder)}). '
+            f'Wait for it to finish or choose another --workdir; if that run is gone, '
+            f'delete {os.path.join(workdir, LOCK_FILE)}.')
+
+
+def exit_if_busy(argv: list[str]) -> None:
+    """Exits at once if `--workdir` of a single-process command line is held
+    by a live run; `acquire` takes the lock later (and checks again)."""
+    if os.environ.get('JAX_COORDINATOR_ADDRESS') or \
+            os.environ.get('DETECTAX_DISTRIBUTED', '0') not in ('', '0'):
+        return  # the job's other processes see process 0's lock: acquire decides
+    workdir = None
+    for i, arg in enumerate(argv):
+        if arg.startswith('--workdir='):
+            workdir = arg.split('=', 1)[1]
+        elif arg == '--workdir' and i + 1 < len(argv):
+            workdir = argv[i + 1]
+    if not workdir:
+        return
+    holder = _read(os.path.join(workdir, LOCK_FILE))
+    if holder is not None and holder.get('pid') != os.getpid() and _stale_reason(holder) is None:
+        sys.exit(f'WorkdirInUseError: {_busy_message(os.path.realpath(workdir), holder)}')
+
+
 def _take(workdir: str) -> str | None:
     """Creates the lock file; returns why not, or None once held."""
     path = os.path.join(workdir, LOCK_FILE)
     me = {'host': socket.gethostname(), 'pid': os.getpid(),
-          'started': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+          'started': datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds'),
           'process_start': _process_start(os.getpid()),
           'command': ' '.join(sys.argv)[:500]}
     tmp = f'{path}.{me["host"]}.{me["pid"]}'
@@ -99,9 +126,7 @@ def _take(workdir: str) -> str | None:
             holder = _read(path)
             reason = _stale_reason(holder)
             if reason is None:
-                return (f'The workdir {workdir} is in use by another run ({_describe(holder)}). '
-                        f'Wait for it to finish or choose another --workdir; if that run is '
-                        f'gone, delete {path}.')
+                return _busy_message(workdir, holder)
             aside = f'{path}.stale.{me["pid"]}'
             try:
                 os.rename(path, aside)
@@ -120,6 +145,7 @@ def _take(workdir: str) -> str | None:
 
 def _share(error: str | None, key: str) -> str | None:
     """Process 0's outcome, seen by every process of the job."""
+    import jax  # pylint: disable=g-import-not-at-top
     if jax.process_count() == 1:
         return error
     from jax._src import distributed  # pylint: disable=g-import-not-at-top
@@ -138,6 +164,7 @@ def acquire(workdir: str) -> None:
       WorkdirInUseError: another run holds it.
       NotADirectoryError: the workdir is a file.
     """
+    import jax  # pylint: disable=g-import-not-at-top
     real = os.path.realpath(workdir)
     if real in _held:
         _held[real] += 1
@@ -168,6 +195,7 @@ def release(workdir: str) -> None:
 
 
 def _remove_own(real: str) -> None:
+    import jax  # pylint: disable=g-import-not-at-top
     if jax.process_index() != 0:
         return
     path = os.path.join(real, LOCK_FILE)

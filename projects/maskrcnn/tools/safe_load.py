@@ -268,7 +268,7 @@ def load_torch_state_dict(path: str, use_torch: bool | None = None) -> Any:
     _check_not_empty(path)
     try:
         return loader(path)
-    except Exception:  # pylint: disable=broad-except
+    except Exception:  # noqa: BLE001  (then the project's reader names the problem)
         # torch's message advises weights_only=False (running the file's code);
         # the project's reader says what is wrong with the file instead.
         return load_torch_zip(path)
