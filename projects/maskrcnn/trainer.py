@@ -142,10 +142,14 @@ def data_parallel_mesh() -> jax.sharding.Mesh:
 # The loop
 # ----------------------------------------------------------------------------
 
-def train_and_evaluate(*, workdir: str, **kwargs) -> tuple[TrainState, dict]:
-    """`_train_and_evaluate` while holding the workdir (one run per workdir)."""
+def train_and_evaluate(*, rng: jax.Array, config: ml_collections.ConfigDict, model_cls,
+                       dataset, workdir: str, writer: metric_writers.MetricWriter
+                       ) -> tuple[TrainState, dict]:
+    """`_train_and_evaluate` holding the workdir (one run per workdir), with
+    orbax's checkpoint managers closed however it ends."""
     with workdir_lock.hold(workdir), checkpointing.closing_managers():
-        return _train_and_evaluate(workdir=workdir, **kwargs)
+        return _train_and_evaluate(rng=rng, config=config, model_cls=model_cls,
+                                   dataset=dataset, workdir=workdir, writer=writer)
 
 
 def _train_and_evaluate(*, rng: jax.Array, config: ml_collections.ConfigDict, model_cls,
