@@ -109,6 +109,8 @@ DAMAGES = {
     'garbled_manifest': lambda d: (_garble, os.path.join(d, 'default', 'manifest.ocdbt')),
     'garbled_metadata': lambda d: (_garble, os.path.join(d, 'default', '_METADATA')),
     'empty_step_directory': lambda d: (lambda p: _empty_step(p), d),
+    'garbled_data_state': lambda d: (_garble, os.path.join(
+        os.path.dirname(os.path.dirname(d)), 'data_state', 'step_4.data-00000-of-00001')),
 }
 
 
@@ -126,7 +128,8 @@ def test_damaged_latest_step_falls_back_to_the_previous_one(trained, resumed_fro
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING
                 and 'damaged' in r.getMessage()]
     assert len(warnings) == 1, warnings
-    assert warnings[0].startswith(DAMAGE_WARNING) and path in warnings[0], warnings[0]
+    named = path.split('.data-')[0]  # the input state is named by its prefix
+    assert warnings[0].startswith(DAMAGE_WARNING) and named in warnings[0], warnings[0]
     assert any('Resumed from checkpoint at step 2' in r.getMessage() for r in caplog.records)
     # The damaged step is kept aside, and step 4 is saved anew.
     assert os.path.isdir(os.path.join(workdir, checkpointing.DAMAGED_DIR, '4'))

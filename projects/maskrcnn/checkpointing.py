@@ -262,7 +262,7 @@ def _restore_step(path: str, abstract: Any, workdir: str, step: int, train_iter)
         try:
             train_iter.restore(data_path)
         except Exception as e:  # TensorFlow raises many kinds
-            raise ValueError(f'{data_path}.index: unreadable input-pipeline state '
+            raise ValueError(f'{data_path} (.index, .data-*): unreadable input-pipeline state '
                              f'({type(e).__name__}: {str(e).splitlines()[0][:300]})') from e
     elif hasattr(train_iter, 'restore'):
         logging.warning('No data-iterator state for step %d: the data stream restarts.', step)
