@@ -22,6 +22,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from projects.maskrcnn import checkpointing
+
 CATEGORIES_FILENAME = 'categories.json'
 ITEM_NAME = 'default'  # the CheckpointManager's item directory inside a step
 # Orbax writes this file last into every finished checkpoint directory.
@@ -117,7 +119,17 @@ def tree_metadata(checkpoint: Checkpoint) -> dict[str, Any]:
 
 
 def restore(checkpoint: Checkpoint) -> dict[str, Any]:
-    """{'params': ..., 'model_state': {...}} as numpy arrays; nothing else is read."""
+    """{'params': ..., 'model_state': {...}} as numpy arrays; nothing else is read.
+
+    A training step whose files differ from the digest saved with them is refused
+    (checkpointing.py), naming the file.
+    """
+    step_dir = os.path.dirname(checkpoint.item_dir)
+    problem = checkpointing.verify_step(step_dir)
+    if problem:
+        raise ValueError(f'The checkpoint {step_dir} is damaged: {problem}. Pass an earlier '
+                         'step directory, or rerun training on the workdir (it resumes from '
+                         'the last good step).')
     item = tree_metadata(checkpoint)
     restore_args = jax.tree_util.tree_map(
         lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)

@@ -12,6 +12,13 @@ itself (Cloud TPU pod slices, SLURM, Open MPI). See BUILD_NOTES.md.
 """
 
 import os
+import sys
+
+from projects.maskrcnn import workdir_lock
+
+if __name__ == '__main__':
+    # Before TensorFlow and JAX load (seconds): a run on a busy workdir stops at once.
+    workdir_lock.exit_if_busy(sys.argv)
 
 from absl import logging
 from clu import metric_writers
@@ -56,10 +63,11 @@ def initialize_distributed() -> None:
 def main(rng: jax.Array, config: ml_collections.ConfigDict, workdir: str,
          writer: metric_writers.MetricWriter) -> None:
     logging.info('Detectax runtime: %s; host memory: %s', runtime_name(), _HOST_MEMORY)
-    data_rng, rng = jax.random.split(rng)
-    dataset = get_dataset(config, data_rng)
-    trainer.train_and_evaluate(rng=rng, config=config, model_cls=MaskRCNNModel,
-                               dataset=dataset, workdir=workdir, writer=writer)
+    with workdir_lock.hold(workdir):  # before the dataset: a second run stops at once
+        data_rng, rng = jax.random.split(rng)
+        dataset = get_dataset(config, data_rng)
+        trainer.train_and_evaluate(rng=rng, config=config, model_cls=MaskRCNNModel,
+                                   dataset=dataset, workdir=workdir, writer=writer)
 
 
 if __name__ == '__main__':

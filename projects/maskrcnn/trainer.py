@@ -18,49 +18,20 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from projects.maskrcnn import (checkpoint_io, config_check, evaluation, loop_utils, optim,
-                               reporting, visualization)
+from projects.maskrcnn import (checkpoint_io, checkpointing, config_check, evaluation,
+                               loop_utils, optim, reporting, visualization, workdir_lock)
 from projects.maskrcnn.steps import (  # noqa: F401  (the trainer's public names)
     GT_KEYS, TrainState, eval_step, init_variables, train_step, validation_loss_step)
 
 
 # ----------------------------------------------------------------------------
-# Checkpoints: orbax for the state, clu's iterator checkpoint for the data
+# Checkpoints: orbax for the state, clu's iterator checkpoint for the data;
+# digests, fallback and retention in checkpointing.py
 # ----------------------------------------------------------------------------
-
-def _data_state_path(workdir: str, step: int) -> str:
-    """Each process saves its own input-pipeline position."""
-    suffix = f'_process_{jax.process_index()}' if jax.process_count() > 1 else ''
-    return os.path.join(workdir, 'data_state', f'step_{step}{suffix}')
-
 
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, train_iter,
                     workdir: str) -> None:
-    step = int(jax.device_get(state.step))
-    if manager.latest_step() == step:
-        return
-    if hasattr(train_iter, 'save'):
-        os.makedirs(os.path.join(workdir, 'data_state'), exist_ok=True)
-        train_iter.save(_data_state_path(workdir, step))
-    manager.save(step, args=ocp.args.StandardSave(state))
-    manager.wait_until_finished()
-    logging.info('Saved checkpoint for step %d in %s', step, manager.directory)
-
-
-def restore_checkpoint(manager: ocp.CheckpointManager, state: TrainState, train_iter,
-                       workdir: str) -> TrainState:
-    step = manager.latest_step()
-    if step is None:
-        return state
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
-    state = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    data_path = _data_state_path(workdir, step)
-    if hasattr(train_iter, 'restore') and os.path.exists(data_path + '.index'):
-        train_iter.restore(data_path)
-    else:
-        logging.warning('No data-iterator state for step %d: the data stream restarts.', step)
-    logging.info('Resumed from checkpoint at step %d', step)
-    return state
+    checkpointing.save(manager, state, train_iter, workdir)
 
 
 def load_init_checkpoint(path: str, params: Any, model_state: Any) -> tuple[Any, Any]:
@@ -180,6 +151,16 @@ def data_parallel_mesh() -> jax.sharding.Mesh:
 def train_and_evaluate(*, rng: jax.Array, config: ml_collections.ConfigDict, model_cls,
                        dataset, workdir: str, writer: metric_writers.MetricWriter
                        ) -> tuple[TrainState, dict]:
+    """`_train_and_evaluate` holding the workdir (one run per workdir), with
+    orbax's checkpoint managers closed however it ends."""
+    with workdir_lock.hold(workdir), checkpointing.closing_managers():
+        return _train_and_evaluate(rng=rng, config=config, model_cls=model_cls,
+                                   dataset=dataset, workdir=workdir, writer=writer)
+
+
+def _train_and_evaluate(*, rng: jax.Array, config: ml_collections.ConfigDict, model_cls,
+                        dataset, workdir: str, writer: metric_writers.MetricWriter
+                        ) -> tuple[TrainState, dict]:
     """Trains `model_cls` on `dataset`, evaluating and checkpointing in `workdir`.
 
     The same command resumes from the workdir's last checkpoint (parameters,
@@ -217,11 +198,11 @@ def train_and_evaluate(*, rng: jax.Array, config: ml_collections.ConfigDict, mod
     num_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
     logging.info('Model has %.2fM parameters', num_params / 1e6)
 
-    manager = ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, 'checkpoints')),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=config.get('max_checkpoints_to_keep', 3), create=True))
-    state = restore_checkpoint(manager, state, dataset.train_iter, workdir)
+    checkpoint_dir = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+    state = checkpointing.restore_latest_good(checkpoint_dir, state, dataset.train_iter,
+                                              workdir)
+    manager = checkpointing.open_manager(checkpoint_dir,
+                                         config.get('max_checkpoints_to_keep', 3))
     start_step = int(jax.device_get(state.step))
 
     skip_nonfinite = bool(config.get('skip_nonfinite_steps', False))

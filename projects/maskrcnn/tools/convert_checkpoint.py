@@ -42,6 +42,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import sys
 from typing import Any, Mapping, Sequence
 
@@ -348,6 +349,17 @@ def categories_note(conversion: Conversion) -> str:
             f'and export --categories=FILE to name its classes')
 
 
+def nothing_converts_message(path: str, source: str, conversion: Conversion,
+                             shown: int = 8) -> str:
+    """Why a file gave no tensor of a --source model, naming its first keys."""
+    unknown = conversion.unused
+    listed = ', '.join(unknown[:shown]) + (f', ... ({len(unknown)} in all)'
+                                           if len(unknown) > shown else '')
+    return (f'{path}: no tensor converts to a Detectax model from --source={source}; '
+            f'its first unknown keys: {listed or "none (the file holds no tensors)"}. '
+            f'Is it a {source} Mask R-CNN or backbone checkpoint? Nothing was written.')
+
+
 def _parse(argv):
     parser = argparse.ArgumentParser(
         prog='python -m projects.maskrcnn.tools.convert_checkpoint',
@@ -365,12 +377,20 @@ def _parse(argv):
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    state, meta = read_source(args.input, args.source)
+    try:
+        state, meta = read_source(args.input, args.source)
+    except (ValueError, pickle.UnpicklingError) as e:  # each names the file
+        print(f'error: {e}', file=sys.stderr)
+        return 1
     bgr = args.source_input == 'bgr' or (
         args.source_input == 'auto' and args.source == 'detectron2'
         and meta.get('__author__') != 'torchvision')
     conversion = convert(state, args.source, all_classes=args.all_classes,
                          reverse_input_channels=bgr)
+    if not conversion.loaded:
+        print(f'error: {nothing_converts_message(args.input, args.source, conversion)}',
+              file=sys.stderr)
+        return 1
     out = save(conversion, args.output_dir, args.input, args.source)
     print(f'{len(conversion.loaded)} tensors converted into {out}')
     print(f'  {categories_note(conversion)}')

@@ -34,6 +34,29 @@ class ForbiddenGlobalError(pickle.UnpicklingError):
     """A pickle asked for a global outside the admitted list."""
 
 
+class UnreadableFileError(pickle.UnpicklingError, ValueError):
+    """The file is empty, truncated or not in the expected format; the message
+    names the file."""
+
+
+# What a truncated or random pickle stream raises while it loads.
+_DECODE_ERRORS = (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError,
+                  IndexError, KeyError, OverflowError, UnicodeDecodeError, zipfile.BadZipFile)
+
+
+def _check_not_empty(path: str) -> None:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'{path}: no such file')
+    if os.path.getsize(path) == 0:
+        raise UnreadableFileError(f'{path}: the file is empty (0 bytes)')
+
+
+def _unreadable(path: str, what: str, error: Exception) -> UnreadableFileError:
+    detail = str(error).splitlines()[0][:200] if str(error) else ''
+    return UnreadableFileError(f'{path}: not a readable {what} (truncated or another format): '
+                               f'{type(error).__name__}{": " + detail if detail else ""}')
+
+
 def _checked_dtype(*args):
     dtype = np.dtype(*args)
     if dtype.hasobject:
@@ -95,11 +118,17 @@ def _reject_object_arrays(value: Any, path: str) -> None:
 
 def load_pickle(path: str) -> Any:
     """Reads a `.pkl` of numpy arrays and plain containers (see module docstring)."""
+    _check_not_empty(path)
     with open(path, 'rb') as f:
         data = f.read()
     unpickler = _RestrictedUnpickler(io.BytesIO(data), path, _numpy_globals(),
                                      encoding='latin1')
-    value = unpickler.load()
+    try:
+        value = unpickler.load()
+    except (ForbiddenGlobalError, UnreadableFileError):
+        raise
+    except _DECODE_ERRORS as e:
+        raise _unreadable(path, 'pickle of numpy arrays', e) from e
     _reject_object_arrays(value, path)
     return value
 
@@ -150,49 +179,61 @@ def _rebuild_tensor(storage: np.ndarray, offset: int, size, stride, *unused) -> 
 def load_torch_zip(path: str) -> Any:
     """Reads a zip-format `.pth` without PyTorch; tensors become numpy arrays
     (bfloat16 as float32)."""
+    _check_not_empty(path)
     try:
         archive = zipfile.ZipFile(path)
     except zipfile.BadZipFile:
-        raise ValueError(f'{path}: not a zip-format PyTorch file; files saved by PyTorch '
-                         f'< 1.6 need torch installed to read them') from None
-    with archive:
-        pickles = [n for n in archive.namelist() if n.endswith('data.pkl')]
-        if len(pickles) != 1:
-            raise ValueError(f'{path}: expected one data.pkl in the archive, found {pickles}')
-        prefix = pickles[0][:-len('data.pkl')]
-        byteorder = 'little'
-        if f'{prefix}byteorder' in archive.namelist():
-            byteorder = archive.read(f'{prefix}byteorder').decode().strip()
-        storages: dict[str, np.ndarray] = {}
+        raise UnreadableFileError(
+            f'{path}: not a zip-format PyTorch file (truncated or another format; files '
+            f'saved by PyTorch < 1.6 need torch installed to read them)') from None
+    try:
+        with archive:
+            return _load_torch_archive(path, archive)
+    except (ForbiddenGlobalError, UnreadableFileError):
+        raise
+    except _DECODE_ERRORS + (OSError,) as e:
+        raise _unreadable(path, 'PyTorch zip file', e) from e
 
-        def persistent_load(pid):
-            if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage'
-                    and isinstance(pid[1], _StorageType)):
-                raise pickle.UnpicklingError(f'{path}: unexpected persistent id {pid!r}')
-            _, storage_type, key, _, numel = pid
-            if key not in storages:
-                raw = archive.read(f'{prefix}data/{key}')
-                dtype = _STORAGE_DTYPES[storage_type.name]
-                if dtype == 'bfloat16':
-                    array = _bfloat16_to_float32(raw if byteorder == 'little' else
-                                                 np.frombuffer(raw, '>u2').astype('<u2').tobytes())
-                else:
-                    order = '<' if byteorder == 'little' else '>'
-                    array = np.frombuffer(raw, np.dtype(dtype).newbyteorder(order)).astype(dtype)
-                if array.size != int(numel):
-                    raise pickle.UnpicklingError(
-                        f'{path}: storage {key} holds {array.size} elements, expected {numel}')
-                storages[key] = array
-            return storages[key]
 
-        admitted: dict[tuple[str, str], Any] = {
-            ('collections', 'OrderedDict'): collections.OrderedDict,
-            ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
-        }
-        admitted.update({('torch', name): _StorageType(name) for name in _STORAGE_DTYPES})
-        unpickler = _RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), path, admitted)
-        unpickler.persistent_load = persistent_load
-        return unpickler.load()
+def _load_torch_archive(path: str, archive: zipfile.ZipFile) -> Any:
+    """The state stored in an open torch zip archive (see load_torch_zip)."""
+    pickles = [n for n in archive.namelist() if n.endswith('data.pkl')]
+    if len(pickles) != 1:
+        raise ValueError(f'{path}: expected one data.pkl in the archive, found {pickles}')
+    prefix = pickles[0][:-len('data.pkl')]
+    byteorder = 'little'
+    if f'{prefix}byteorder' in archive.namelist():
+        byteorder = archive.read(f'{prefix}byteorder').decode().strip()
+    storages: dict[str, np.ndarray] = {}
+
+    def persistent_load(pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage'
+                and isinstance(pid[1], _StorageType)):
+            raise pickle.UnpicklingError(f'{path}: unexpected persistent id {pid!r}')
+        _, storage_type, key, _, numel = pid
+        if key not in storages:
+            raw = archive.read(f'{prefix}data/{key}')
+            dtype = _STORAGE_DTYPES[storage_type.name]
+            if dtype == 'bfloat16':
+                array = _bfloat16_to_float32(raw if byteorder == 'little' else
+                                             np.frombuffer(raw, '>u2').astype('<u2').tobytes())
+            else:
+                order = '<' if byteorder == 'little' else '>'
+                array = np.frombuffer(raw, np.dtype(dtype).newbyteorder(order)).astype(dtype)
+            if array.size != int(numel):
+                raise pickle.UnpicklingError(
+                    f'{path}: storage {key} holds {array.size} elements, expected {numel}')
+            storages[key] = array
+        return storages[key]
+
+    admitted: dict[tuple[str, str], Any] = {
+        ('collections', 'OrderedDict'): collections.OrderedDict,
+        ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
+    }
+    admitted.update({('torch', name): _StorageType(name) for name in _STORAGE_DTYPES})
+    unpickler = _RestrictedUnpickler(io.BytesIO(archive.read(pickles[0])), path, admitted)
+    unpickler.persistent_load = persistent_load
+    return unpickler.load()
 
 
 def _torch_loader() -> Callable[[str], Any] | None:
@@ -222,4 +263,12 @@ def load_torch_state_dict(path: str, use_torch: bool | None = None) -> Any:
     loader = _torch_loader() if use_torch is not False else None
     if use_torch and loader is None:
         raise ImportError('use_torch=True but torch is not installed')
-    return loader(path) if loader is not None else load_torch_zip(path)
+    if loader is None:
+        return load_torch_zip(path)
+    _check_not_empty(path)
+    try:
+        return loader(path)
+    except Exception:  # noqa: BLE001  (then the project's reader names the problem)
+        # torch's message advises weights_only=False (running the file's code);
+        # the project's reader says what is wrong with the file instead.
+        return load_torch_zip(path)
