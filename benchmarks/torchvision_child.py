@@ -15,6 +15,8 @@ it with `--serve`, which times one step per request between Detectax's own steps
 (benchmarks/turns.py) instead of `--warmup` and `--steps`, and with GLIBC_TUNABLES
 set so that its allocator keeps freed memory as the Detectax process's does
 (projects/maskrcnn/host_memory.py); each side reports its minor page faults per step.
+After the timed steps, two more of each mode count its FLOPs and time its forward
+pass by stage (torchvision_stages.py); the summary gives them under 'stages'.
 
 The detector does the same work as Detectax's torchvision-convention config:
 frozen batch norm, stem and res2 frozen (torchvision's `trainable_backbone_layers=3`,
@@ -35,7 +37,7 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops import misc as misc_ops
 
-from benchmarks import turns
+from benchmarks import torchvision_stages, turns
 from benchmarks.memory import peak_rss_mb
 
 
@@ -88,7 +90,7 @@ def precision(args, device: torch.device):
 def inference_step(args, model, images, device):
     """One inference pass over the batch (100 detections per image)."""
 
-    def step():
+    def step(phases=None):
         model.eval()
         with torch.no_grad(), precision(args, device):
             out = model(images)
@@ -101,13 +103,17 @@ def train_step(args, model, images, targets, device):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.02 * args.batch / 16, momentum=0.9, weight_decay=1e-4)
 
-    def step():
+    def step(phases=None):
         model.train()
         with precision(args, device):
             losses = model(images, targets)
             loss = sum(losses.values())
+        if phases:   # the forward pass ends here (torchvision_stages.py)
+            phases.mark('backward', _sync(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if phases:
+            phases.mark('optimizer', _sync(device))
         opt.step()
     return step
 
@@ -155,6 +161,9 @@ def main():
         steps['train'] = train_step(args, model, images, targets, device)
 
     def summary() -> dict:
+        # One extra untimed step per mode counts FLOPs by stage, one more times them.
+        result['stages'] = {mode: torchvision_stages.stage_summary(step, model, _sync(device))
+                            for mode, step in steps.items()}
         if device.type == 'cuda':
             result['device_peak_bytes'] = torch.cuda.max_memory_allocated(device)
         result['peak_rss_mb'] = peak_rss_mb()
