@@ -94,7 +94,9 @@ def inference_step(args, model, images, device):
         model.eval()
         with torch.no_grad(), precision(args, device):
             out = model(images)
-        assert out[0]['masks'].shape[0] == 100, out[0]['masks'].shape
+        # The timed steps' work; the stage counts (`phases`) run after training
+        # steps may have moved the weights, which can leave fewer boxes.
+        assert phases or out[0]['masks'].shape[0] == 100, out[0]['masks'].shape
     return step
 
 
