@@ -24,6 +24,12 @@ child runs one torchvision step of the same kind (benchmarks/turns.py), so both
 medians come from the same stretch of a shared machine's load; each side times
 only its own steps. The table gives the ratio torchvision time / Detectax time
 (above 1: Detectax faster).
+
+By stage (`--stages`, on by default; benchmarks/stage_flops.py and
+torchvision_stages.py): after the timed steps each side runs its step again to
+count its convolution and dot FLOPs by stage (body, fpn, rpn, roi_align,
+box_head, mask_head, other; forward and backward) and once more to time the
+stages; the table gives both sides' GFLOP and milliseconds per stage.
 """
 
 import datetime
@@ -352,7 +358,8 @@ def table_rows(dx: dict, tv: dict | None, peak_flops: float) -> list[tuple[str, 
         rows.append((f'{section} achieved GFLOP/s', _fmt(frac), '-', ''))
         rows.append((f'{section} host page faults per step', _fmt(d.get('page_faults_per_step')),
                      _fmt(tv.get(section, {}).get('page_faults_per_step')), ''))
-        rows += stage_rows(section, d.get('stages'), tv.get('stages', {}).get(section))
+        rows += stage_flops.table_rows(section, d.get('stages'),
+                                      tv.get('stages', {}).get(section), _fmt)
     rows.append(('peak host RSS (MB)', _fmt(dx['peak_rss_mb'], 4),
                  _fmt(tv.get('peak_rss_mb'), 4), ''))
     dev = dx.get('device_peak_bytes')
@@ -360,46 +367,6 @@ def table_rows(dx: dict, tv: dict | None, peak_flops: float) -> list[tuple[str, 
     rows.append(('peak device memory (MB)', _fmt(dev and dev / 2 ** 20, 4),
                  _fmt(tv_dev and tv_dev / 2 ** 20, 4), ''))
     return rows
-
-
-def stage_rows(section: str, dx: dict | None, tv: dict | None) -> list[tuple]:
-    """Per-stage rows: each side's GFLOP (convolutions and dots) and time (ms).
-
-    Detectax's time is XLA thunk time (summed over threads) and its backward is by
-    stage; torchvision's forward time is wall time between each stage module's
-    hooks, and its backward (FLOPs and time) is one total, in the 'all' rows.
-    """
-    if not dx and not tv:
-        return []
-    dx, tv = dx or {}, tv or {}
-    get = lambda side, kind, stage, way: side.get(kind, {}).get(stage, {}).get(way)  # noqa: E731
-    rows = []
-    ways = ('forward', 'backward') if section == 'train' else ('forward',)
-    for way in ways:
-        for stage in stage_flops.STAGES + ('all',):
-            d_f, t_f = get(dx, 'flops', stage, way), get(tv, 'flops', stage, way)
-            d_t = get(dx, 'time_s', stage, way)
-            t_t = tv.get('time_s', {}).get('forward', {}).get(stage) if way == 'forward' else None
-            if stage == 'all':
-                d_f = d_f if d_f is not None else _stage_sum(dx.get('flops'), way)
-                d_t = d_t if d_t is not None else _stage_sum(dx.get('time_s'), way)
-                if way == 'backward':   # the backward pass, as the child marks it
-                    t_t = tv.get('time_s', {}).get('phases', {}).get('backward')
-                elif t_t is None:
-                    t_t = _stage_sum({s: {'forward': v} for s, v in
-                                      tv.get('time_s', {}).get('forward', {}).items()}, way)
-            ratio = t_t / d_t if d_t and t_t else None
-            rows.append((f'{section} {stage} {way} GFLOP', _fmt(d_f and d_f / 1e9),
-                         _fmt(t_f and t_f / 1e9), ''))
-            rows.append((f'{section} {stage} {way} time (ms)', _fmt(d_t and 1e3 * d_t),
-                         _fmt(t_t and 1e3 * t_t), _fmt(ratio) + ('x' if ratio else '')))
-    return rows
-
-
-def _stage_sum(by_stage: dict | None, way: str) -> float | None:
-    if not by_stage:
-        return None
-    return sum(v.get(way) or 0.0 for s, v in by_stage.items() if s != 'all')
 
 
 def render(rows, header: str) -> str:

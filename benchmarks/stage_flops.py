@@ -192,3 +192,51 @@ def stage_times(step, hlo_text: str) -> dict[str, dict[str, float]]:
                              recursive=True))[-1]
     totals, _ = profile_step.summarise(trace, profile_step.op_scopes(hlo_text), 'scope', 1000)
     return {s: {k: v / 1e6 for k, v in d.items()} for s, d in by_stage(totals).items()}
+
+
+def table_rows(section: str, dx: dict | None, tv: dict | None, fmt) -> list[tuple]:
+    """Per-stage rows: each side's GFLOP (convolutions and dots) and time (ms).
+
+    Detectax's time is XLA thunk time (summed over threads) and its backward is by
+    stage; torchvision's forward time is wall time between each stage module's
+    hooks, and its backward (FLOPs and time) is one total, in the 'all' rows.
+
+    Args:
+      section: 'inference' or 'train'.
+      dx: Detectax's {'flops': {stage: {way: FLOPs}}, 'time_s': {stage: {way: s}}}.
+      tv: torchvision_stages.stage_summary's result for the section.
+      fmt: number -> table cell.
+    Returns:
+      (measure, Detectax, torchvision, Detectax speed-up) rows.
+    """
+    if not dx and not tv:
+        return []
+    dx, tv = dx or {}, tv or {}
+    get = lambda side, kind, stage, way: side.get(kind, {}).get(stage, {}).get(way)  # noqa: E731
+    rows = []
+    ways = ('forward', 'backward') if section == 'train' else ('forward',)
+    for way in ways:
+        for stage in STAGES + ('all',):
+            d_f, t_f = get(dx, 'flops', stage, way), get(tv, 'flops', stage, way)
+            d_t = get(dx, 'time_s', stage, way)
+            t_t = tv.get('time_s', {}).get('forward', {}).get(stage) if way == 'forward' else None
+            if stage == 'all':
+                d_f = d_f if d_f is not None else _stage_sum(dx.get('flops'), way)
+                d_t = d_t if d_t is not None else _stage_sum(dx.get('time_s'), way)
+                if way == 'backward':   # the backward pass, as the child marks it
+                    t_t = tv.get('time_s', {}).get('phases', {}).get('backward')
+                elif t_t is None:
+                    t_t = _stage_sum({s: {'forward': v} for s, v in
+                                      tv.get('time_s', {}).get('forward', {}).items()}, way)
+            ratio = t_t / d_t if d_t and t_t else None
+            rows.append((f'{section} {stage} {way} GFLOP', fmt(d_f and d_f / 1e9),
+                         fmt(t_f and t_f / 1e9), ''))
+            rows.append((f'{section} {stage} {way} time (ms)', fmt(d_t and 1e3 * d_t),
+                         fmt(t_t and 1e3 * t_t), fmt(ratio) + ('x' if ratio else '')))
+    return rows
+
+
+def _stage_sum(by_stage: dict | None, way: str) -> float | None:
+    if not by_stage:
+        return None
+    return sum(v.get(way) or 0.0 for s, v in by_stage.items() if s != 'all')

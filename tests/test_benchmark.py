@@ -246,16 +246,16 @@ def test_stage_rows_give_torchvisions_backward_as_one_total():
                                                                         'backward': 0.1}}}
     tv = {'flops': {'body': {'forward': 2e9}, 'all': {'forward': 3e9, 'backward': 6e9}},
           'time_s': {'forward': {'body': 0.2}, 'phases': {'forward': 0.3, 'backward': 0.6}}}
-    rows = {r[0]: r[1:] for r in benchmark.stage_rows('train', dx, tv)}
+    rows = {r[0]: r[1:] for r in stage_flops.table_rows('train', dx, tv, benchmark._fmt)}
     assert rows['train body forward GFLOP'] == ('2', '2', '')
     assert rows['train body forward time (ms)'] == ('100', '200', '2x')
     assert rows['train body backward GFLOP'] == ('4', '-', '')
     assert rows['train all backward GFLOP'] == ('5', '6', '')
     assert rows['train all backward time (ms)'] == ('300', '600', '2x')
     assert rows['train all forward GFLOP'] == ('3', '3', '')
-    assert benchmark.stage_rows('train', None, None) == []
+    assert stage_flops.table_rows('train', None, None, benchmark._fmt) == []
     assert 'inference body backward GFLOP' not in {
-        r[0] for r in benchmark.stage_rows('inference', dx, tv)}
+        r[0] for r in stage_flops.table_rows('inference', dx, tv, benchmark._fmt)}
 
 
 def test_torchvision_device_memory_is_reported():
