@@ -267,6 +267,15 @@ def time_train(model, tx, state, batch, steps: int, warmup: int, turn=None,
     return result
 
 
+def detectax_rois(config, batch: int) -> dict[str, dict[str, int]]:
+    """RoIs the box and mask heads see per step, fixed by the config's static shapes."""
+    m = config.model
+    return {'train': {'box_head': batch * m.roi_heads.batch_size_per_image,
+                      'mask_head': batch * m.mask_head.num_fg_slots},
+            'inference': {'box_head': batch * m.rpn.post_nms_topk_test,
+                          'mask_head': batch * m.test.detections_per_image}}
+
+
 def torchvision_autocast(config, requested: str | None) -> str:
     """torch.autocast dtype for the torchvision run: as asked, else the config's 16-bit dtype."""
     if requested:
@@ -411,6 +420,9 @@ def main(argv, host_memory_note: str = ''):
         if mode in ('train', 'both'):
             dx['train'] = time_train(model, tx, state, batch, _STEPS.value, _WARMUP.value,
                                      turn('train'), _STAGES.value)
+        for section, rois in detectax_rois(config, _BATCH.value).items():
+            if 'stages' in dx.get(section, {}):
+                dx[section]['stages']['rois'] = rois
         if tv_client:
             tv = tv_client.finish()
     finally:

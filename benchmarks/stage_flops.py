@@ -200,11 +200,15 @@ def table_rows(section: str, dx: dict | None, tv: dict | None, fmt) -> list[tupl
     Detectax's time is XLA thunk time (summed over threads) and its backward is by
     stage; torchvision's forward time is wall time between each stage module's
     hooks, and its backward (FLOPs and time) is one total, in the 'all' rows.
+    torchvision's FLOPs and RoIs are its first step's; the RoIs its heads saw after
+    the timed steps follow in brackets where they differ (training moves its
+    weights, and a diverging RPN leaves fewer proposals).
 
     Args:
       section: 'inference' or 'train'.
-      dx: Detectax's {'flops': {stage: {way: FLOPs}}, 'time_s': {stage: {way: s}}}.
-      tv: torchvision_stages.stage_summary's result for the section.
+      dx: Detectax's {'flops': {stage: {way: FLOPs}}, 'time_s': {stage: {way: s}},
+        'rois': {head: RoIs}}.
+      tv: torchvision's per-stage summary of the section (torchvision_child.py).
       fmt: number -> table cell.
     Returns:
       (measure, Detectax, torchvision, Detectax speed-up) rows.
@@ -214,6 +218,11 @@ def table_rows(section: str, dx: dict | None, tv: dict | None, fmt) -> list[tupl
     dx, tv = dx or {}, tv or {}
     get = lambda side, kind, stage, way: side.get(kind, {}).get(stage, {}).get(way)  # noqa: E731
     rows = []
+    for head in ('box_head', 'mask_head'):   # the torchvision column: its first step's
+        first, timed = tv.get('rois', {}).get(head), tv.get('rois_timed', {}).get(head)
+        cell = fmt(first) + (f' ({timed} after the timed steps)'
+                             if timed is not None and timed != first else '')
+        rows.append((f'{section} {head} RoIs', fmt(dx.get('rois', {}).get(head)), cell, ''))
     ways = ('forward', 'backward') if section == 'train' else ('forward',)
     for way in ways:
         for stage in STAGES + ('all',):

@@ -15,8 +15,9 @@ it with `--serve`, which times one step per request between Detectax's own steps
 (benchmarks/turns.py) instead of `--warmup` and `--steps`, and with GLIBC_TUNABLES
 set so that its allocator keeps freed memory as the Detectax process's does
 (projects/maskrcnn/host_memory.py); each side reports its minor page faults per step.
-After the timed steps, two more of each mode count its FLOPs and time its forward
-pass by stage (torchvision_stages.py); the summary gives them under 'stages'.
+Before the timed steps one more step of each mode, on a copy of the model, counts
+its FLOPs by stage; after them one more times its forward pass by stage
+(torchvision_stages.py); the summary gives both under 'stages'.
 
 The detector does the same work as Detectax's torchvision-convention config:
 frozen batch norm, stem and res2 frozen (torchvision's `trainable_backbone_layers=3`,
@@ -28,6 +29,7 @@ is not resized.
 
 import argparse
 import contextlib
+import copy as copy_lib
 import json
 import os
 
@@ -154,18 +156,23 @@ def main():
     result = {'torch': torch.__version__, 'torchvision': torchvision.__version__,
               'threads': torch.get_num_threads(), 'autocast': args.autocast,
               'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}
-    steps = {}
+    makers = {}
     if args.mode in ('inference', 'both'):
-        steps['inference'] = inference_step(args, model, images, device)
+        makers['inference'] = lambda m: inference_step(args, m, images, device)
     if args.mode in ('train', 'both'):
         targets = [{k: v.to(device) for k, v in t.items()}
                    for t in synthetic_targets(args, generator)]
-        steps['train'] = train_step(args, model, images, targets, device)
+        makers['train'] = lambda m: train_step(args, m, images, targets, device)
+    # FLOPs by stage of each mode's first step, on a copy of the fresh model: the
+    # timed steps' training can move the weights so far that fewer RoIs survive.
+    first = {mode: torchvision_stages.count_flops(make(copy), copy)
+             for mode, make in makers.items() for copy in [copy_lib.deepcopy(model)]}
+    steps = {mode: make(model) for mode, make in makers.items()}
 
     def summary() -> dict:
-        # One extra untimed step per mode counts FLOPs by stage, one more times them.
-        result['stages'] = {mode: torchvision_stages.stage_summary(step, model, _sync(device))
-                            for mode, step in steps.items()}
+        # One more untimed step per mode times the stages, after the timed steps.
+        result['stages'] = {mode: {**first[mode], **torchvision_stages.time_stages(
+            step, model, _sync(device))} for mode, step in steps.items()}
         if device.type == 'cuda':
             result['device_peak_bytes'] = torch.cuda.max_memory_allocated(device)
         result['peak_rss_mb'] = peak_rss_mb()

@@ -46,27 +46,38 @@ def _by_stage(counts: dict[str, dict], root: str) -> dict[str, float]:
     return out
 
 
-def count_flops(step, model: torch.nn.Module) -> dict[str, dict[str, float]]:
-    """{stage: {'forward': FLOPs}} of one run of `step`, and for stage 'all' the
-    forward and the backward FLOPs.
+def _count_rois(model: torch.nn.Module, rois: dict) -> list:
+    """Hooks that record how many RoIs the box and mask heads see (their handles)."""
+    heads = model.roi_heads
+    record = lambda name: lambda _m, args: rois.__setitem__(name, int(args[0].shape[0]))  # noqa
+    return [heads.box_head.register_forward_pre_hook(record('box_head')),
+            heads.mask_head.register_forward_pre_hook(record('mask_head'))]
+
+
+def count_flops(step, model: torch.nn.Module) -> dict:
+    """{'flops': {stage: {'forward': FLOPs}}, 'rois': {head: RoIs}} of one run of
+    `step`; the flops' stage 'all' has the forward and the backward FLOPs.
 
     `step(phases)` must call `phases.mark('backward')` when its forward pass ends
     (or never, for inference): the counts so far are the forward's.
     """
     root = type(model).__name__
     counter = FlopCounterMode(display=False, depth=None)
-    marks = _Marks()
+    marks, rois = _Marks(), {}
+    handles = _count_rois(model, rois)
     with counter:
         marks.on_mark = lambda _: marks.snapshots.append(
             {k: dict(v) for k, v in counter.flop_counts.items()})
         step(marks)
+    for h in handles:
+        h.remove()
     after = counter.get_flop_counts()
     before = marks.snapshots[0] if marks.snapshots else after
     forward = sum(before.get('Global', {}).values())
     out = {s: {'forward': f} for s, f in _by_stage(before, root).items()}
     out['all'] = {'forward': float(forward),
                   'backward': float(sum(after.get('Global', {}).values()) - forward)}
-    return out
+    return {'flops': out, 'rois': rois}
 
 
 class _Marks:
@@ -90,10 +101,12 @@ class _Marks:
 
 def time_stages(step, model: torch.nn.Module, sync=lambda: None) -> dict:
     """Seconds of one run of `step`: each stage's forward (module hooks, wall time)
-    and the whole backward pass and optimizer update (the step's phase marks)."""
+    and the whole backward pass and optimizer update (the step's phase marks);
+    and the RoIs the heads saw in it."""
     modules = dict(model.named_modules())
     forward = collections.Counter()
-    starts, handles = {}, []
+    starts, rois = {}, {}
+    handles = _count_rois(model, rois)
     for path, stage in STAGE_MODULES.items():
         module = modules.get(path)
         if module is None:
@@ -114,10 +127,6 @@ def time_stages(step, model: torch.nn.Module, sync=lambda: None) -> dict:
     finally:
         for h in handles:
             h.remove()
-    return {'forward': {s: forward.get(s, 0.0) for s in STAGES},
-            'phases': dict(marks.times)}
-
-
-def stage_summary(step, model, sync=lambda: None) -> dict:
-    """The child's per-stage summary of one mode: FLOPs and times (two extra steps)."""
-    return {'flops': count_flops(step, model), 'time_s': time_stages(step, model, sync)}
+    return {'time_s': {'forward': {s: forward.get(s, 0.0) for s in STAGES},
+                       'phases': dict(marks.times)},
+            'rois_timed': rois}

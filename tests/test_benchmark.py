@@ -107,6 +107,10 @@ def _assert_stage_rows(rows, result):
     d_body = float(rows['inference body forward time (ms)'][0])
     assert rows['inference body forward time (ms)'][2] == f'{250 / d_body:.3g}x'
     assert rows['inference fpn forward GFLOP'][1] == '-'   # the stand-in has no such stage
+    config = tiny_shapes_config.get_config()
+    assert result['detectax']['inference']['stages']['rois'] == {
+        'box_head': 2 * config.model.rpn.post_nms_topk_test,
+        'mask_head': 2 * config.model.test.detections_per_image}
 
 
 def test_peak_is_measured_in_the_configs_dtype():
@@ -245,7 +249,10 @@ def test_stage_rows_give_torchvisions_backward_as_one_total():
           'time_s': {'body': {'forward': 0.1, 'backward': 0.2}, 'rpn': {'forward': 0.05,
                                                                         'backward': 0.1}}}
     tv = {'flops': {'body': {'forward': 2e9}, 'all': {'forward': 3e9, 'backward': 6e9}},
-          'time_s': {'forward': {'body': 0.2}, 'phases': {'forward': 0.3, 'backward': 0.6}}}
+          'time_s': {'forward': {'body': 0.2}, 'phases': {'forward': 0.3, 'backward': 0.6}},
+          'rois': {'box_head': 1024, 'mask_head': 6}, 'rois_timed': {'box_head': 6,
+                                                                      'mask_head': 6}}
+    dx['rois'] = {'box_head': 1024, 'mask_head': 16}
     rows = {r[0]: r[1:] for r in stage_flops.table_rows('train', dx, tv, benchmark._fmt)}
     assert rows['train body forward GFLOP'] == ('2', '2', '')
     assert rows['train body forward time (ms)'] == ('100', '200', '2x')
@@ -254,6 +261,8 @@ def test_stage_rows_give_torchvisions_backward_as_one_total():
     assert rows['train all backward time (ms)'] == ('300', '600', '2x')
     assert rows['train all forward GFLOP'] == ('3', '3', '')
     assert stage_flops.table_rows('train', None, None, benchmark._fmt) == []
+    assert rows['train box_head RoIs'] == ('1.02e+03', '1.02e+03 (6 after the timed steps)', '')
+    assert rows['train mask_head RoIs'] == ('16', '6', '')
     assert 'inference body backward GFLOP' not in {
         r[0] for r in stage_flops.table_rows('inference', dx, tv, benchmark._fmt)}
 
