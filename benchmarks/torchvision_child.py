@@ -15,9 +15,10 @@ it with `--serve`, which times one step per request between Detectax's own steps
 (benchmarks/turns.py) instead of `--warmup` and `--steps`, and with GLIBC_TUNABLES
 set so that its allocator keeps freed memory as the Detectax process's does
 (projects/maskrcnn/host_memory.py); each side reports its minor page faults per step.
-Before the timed steps one more step of each mode, on a copy of the model, counts
-its FLOPs by stage; after them one more times its forward pass by stage
-(torchvision_stages.py); the summary gives both under 'stages'.
+Before the timed steps two more steps of each mode, each on a fresh copy of the
+model, count its FLOPs and time its forward pass by stage (torchvision_stages.py);
+after them one more counts the RoIs its heads see then; the summary gives them
+under 'stages'.
 
 The detector does the same work as Detectax's torchvision-convention config:
 frozen batch norm, stem and res2 frozen (torchvision's `trainable_backbone_layers=3`,
@@ -163,16 +164,21 @@ def main():
         targets = [{k: v.to(device) for k, v in t.items()}
                    for t in synthetic_targets(args, generator)]
         makers['train'] = lambda m: train_step(args, m, images, targets, device)
-    # FLOPs by stage of each mode's first step, on a copy of the fresh model: the
+    # FLOPs and stage times of each mode's first step, each on its own copy of the
+    # fresh model (the count's step warms the kernels up for the timed one): the
     # timed steps' training can move the weights so far that fewer RoIs survive.
-    first = {mode: torchvision_stages.count_flops(make(copy), copy)
-             for mode, make in makers.items() for copy in [copy_lib.deepcopy(model)]}
+    first = {}
+    for mode, make in makers.items():
+        first[mode] = torchvision_stages.count_flops(make(copy := copy_lib.deepcopy(model)), copy)
+        first[mode].update(torchvision_stages.time_stages(
+            make(copy := copy_lib.deepcopy(model)), copy, _sync(device)))
     steps = {mode: make(model) for mode, make in makers.items()}
 
     def summary() -> dict:
-        # One more untimed step per mode times the stages, after the timed steps.
-        result['stages'] = {mode: {**first[mode], **torchvision_stages.time_stages(
-            step, model, _sync(device))} for mode, step in steps.items()}
+        # The RoIs the heads see after the timed steps: one more untimed step per mode.
+        for mode, step in steps.items():
+            first[mode]['rois_timed'] = torchvision_stages.count_rois(step, model)
+        result['stages'] = first
         if device.type == 'cuda':
             result['device_peak_bytes'] = torch.cuda.max_memory_allocated(device)
         result['peak_rss_mb'] = peak_rss_mb()

@@ -10,8 +10,9 @@ gives RoIAlign, a kernel of its own, no FLOPs, so torchvision's roi_align row is
 counter's module tracker leaves several modules open during the backward pass,
 so it attributes some backward FLOPs to two stages at once.
 
-Each count runs one extra step after the timed ones, so the timed steps carry
-neither the counter's nor the hooks' overhead.
+Each count runs one extra step, on a copy of the model before the timed steps
+(torchvision_child.py), so the timed steps carry neither the counter's nor the
+hooks' overhead.
 """
 
 import collections
@@ -101,12 +102,10 @@ class _Marks:
 
 def time_stages(step, model: torch.nn.Module, sync=lambda: None) -> dict:
     """Seconds of one run of `step`: each stage's forward (module hooks, wall time)
-    and the whole backward pass and optimizer update (the step's phase marks);
-    and the RoIs the heads saw in it."""
+    and the whole backward pass and optimizer update (the step's phase marks)."""
     modules = dict(model.named_modules())
     forward = collections.Counter()
-    starts, rois = {}, {}
-    handles = _count_rois(model, rois)
+    starts, handles = {}, []
     for path, stage in STAGE_MODULES.items():
         module = modules.get(path)
         if module is None:
@@ -128,5 +127,16 @@ def time_stages(step, model: torch.nn.Module, sync=lambda: None) -> dict:
         for h in handles:
             h.remove()
     return {'time_s': {'forward': {s: forward.get(s, 0.0) for s in STAGES},
-                       'phases': dict(marks.times)},
-            'rois_timed': rois}
+                       'phases': dict(marks.times)}}
+
+
+def count_rois(step, model: torch.nn.Module) -> dict[str, int]:
+    """The RoIs the box and mask heads see in one run of `step`."""
+    rois = {}
+    handles = _count_rois(model, rois)
+    try:
+        step(_Marks())
+    finally:
+        for h in handles:
+            h.remove()
+    return rois
