@@ -24,6 +24,12 @@ child runs one torchvision step of the same kind (benchmarks/turns.py), so both
 medians come from the same stretch of a shared machine's load; each side times
 only its own steps. The table gives the ratio torchvision time / Detectax time
 (above 1: Detectax faster).
+
+By stage (`--stages`, on by default; benchmarks/stage_flops.py and
+torchvision_stages.py): after the timed steps each side runs its step again to
+count its convolution and dot FLOPs by stage (body, fpn, rpn, roi_align,
+box_head, mask_head, other; forward and backward) and once more to time the
+stages; the table gives both sides' GFLOP and milliseconds per stage.
 """
 
 import datetime
@@ -42,7 +48,7 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from benchmarks import turns
+from benchmarks import stage_flops, turns
 from benchmarks.memory import peak_rss_mb
 from projects.maskrcnn import host_memory, optim
 from projects.maskrcnn import steps as step_lib
@@ -53,14 +59,14 @@ from projects.maskrcnn.native import onednn
 # defines no flags, so tests and other commands can import it).
 _CONFIG = _HEIGHT = _WIDTH = _BATCH = _MODE = _STEPS = _WARMUP = None
 _NUM_CLASSES = _INSTANCES = _TV_PYTHON = _TV_THREADS = _APPEND = _PEAK_FLOPS = None
-_PAD_MULTIPLE = None
+_PAD_MULTIPLE = _STAGES = None
 
 
 def define_flags() -> None:
     """Defines the command's flags (absl allows each name once per process)."""
     global _CONFIG, _HEIGHT, _WIDTH, _BATCH, _MODE, _STEPS, _WARMUP  # pylint: disable=global-statement
     global _NUM_CLASSES, _INSTANCES, _TV_PYTHON, _TV_THREADS, _APPEND  # pylint: disable=global-statement
-    global _PEAK_FLOPS, _PAD_MULTIPLE, _TV_AUTOCAST  # pylint: disable=global-statement
+    global _PEAK_FLOPS, _PAD_MULTIPLE, _TV_AUTOCAST, _STAGES  # pylint: disable=global-statement
     _CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file.',
                                               lock_config=False)
     _HEIGHT = flags.DEFINE_integer('height', 800, 'Image height (valid pixels).')
@@ -85,6 +91,9 @@ def define_flags() -> None:
                                      "config's dtype.")
     _PAD_MULTIPLE = flags.DEFINE_integer('pad_multiple', None,
                                          'Pad H, W up to this multiple (default: largest FPN stride).')
+    _STAGES = flags.DEFINE_bool('stages', True,
+                                'Count FLOPs and time by stage on both sides (extra untimed steps '
+                                'after the timed ones).')
 
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,19 +150,31 @@ def _flops(compiled) -> float | None:
     return float(cost['flops'])
 
 
+def _lower_with_xla_convolutions(fn, *args):
+    """`fn` (a function, not yet jitted) lowered with XLA's own convolutions."""
+    with onednn.portable():   # traced anew: jit caches traces by function
+        return jax.jit(lambda *a: fn(*a)).lower(*args)
+
+
 def _xla_flops(fn, compiled, *args) -> float | None:
     """The step's FLOPs as XLA counts them. Where convolutions run as oneDNN custom
     calls, which XLA's cost analysis cannot see, `fn` (a function, not yet jitted)
     is lowered once more with XLA's own convolutions and that program is counted."""
     if 'detectax_onednn' not in compiled.as_text():
         return _flops(compiled)
-    with onednn.portable():   # traced anew: jit caches traces by function
-        lowered = jax.jit(lambda *a: fn(*a)).lower(*args)
     try:
-        cost = lowered.cost_analysis()
+        cost = _lower_with_xla_convolutions(fn, *args).cost_analysis()
     except Exception:  # noqa: BLE001 - some backends have none
         return None
     return float(cost['flops']) if cost and 'flops' in cost else None
+
+
+def _stages(fn, step, compiled, *args) -> dict:
+    """The step's convolution and dot FLOPs by stage (its program lowered with XLA's
+    convolutions, as `_xla_flops` counts it) and its thunk time by stage in one
+    more, untimed and profiled, run of `step` (benchmarks/stage_flops.py)."""
+    flops, _ = stage_flops.lowered_stage_flops(_lower_with_xla_convolutions(fn, *args))
+    return {'flops': flops, 'time_s': stage_flops.stage_times(step, compiled.as_text())}
 
 
 def _compile(fn, *args) -> tuple[object, float]:
@@ -209,20 +230,25 @@ def _timed_steps(step, steps: int, warmup: int, turn=None) -> tuple[list[float],
     return times, faults / steps
 
 
-def time_inference(model, state, batch, steps: int, warmup: int, turn=None) -> dict:
-    """Inference latency (see `_timed_steps` for `turn`)."""
+def time_inference(model, state, batch, steps: int, warmup: int, turn=None,
+                   stages: bool = False) -> dict:
+    """Inference latency (see `_timed_steps` for `turn`); with `stages`, the
+    work and time by stage after the timed steps (`_stages`)."""
     images = {k: batch[k] for k in ('image', 'image_size')}
     step_fn = functools.partial(step_lib.eval_step, model=model)
     compiled, compile_s = _compile(jax.jit(step_fn), state, images)
     flops = _xla_flops(step_fn, compiled, state, images)
-    times, faults = _timed_steps(lambda: jax.block_until_ready(compiled(state, images)),
-                                 steps, warmup, turn)
+    step = lambda: jax.block_until_ready(compiled(state, images))  # noqa: E731
+    times, faults = _timed_steps(step, steps, warmup, turn)
     return {'compile_s': compile_s, 'flops': flops,
-            **turns.step_stats('inference', batch['image'].shape[0], times, faults)}
+            **turns.step_stats('inference', batch['image'].shape[0], times, faults),
+            **({'stages': _stages(step_fn, step, compiled, state, images)} if stages else {})}
 
 
-def time_train(model, tx, state, batch, steps: int, warmup: int, turn=None) -> dict:
-    """Training step time (see `_timed_steps` for `turn`); the state is donated each step."""
+def time_train(model, tx, state, batch, steps: int, warmup: int, turn=None,
+               stages: bool = False) -> dict:
+    """Training step time (see `_timed_steps` for `turn`); the state is donated each
+    step. With `stages`, the work and time by stage after the timed steps."""
     step_fn = functools.partial(step_lib.train_step, model=model, tx=tx)
     compiled, compile_s = _compile(jax.jit(step_fn, donate_argnums=(0,)), state, batch)
     flops = _xla_flops(step_fn, compiled, state, batch)
@@ -233,9 +259,21 @@ def time_train(model, tx, state, batch, steps: int, warmup: int, turn=None) -> d
         state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
     times, faults = _timed_steps(step, steps, warmup, turn)
-    return {'compile_s': compile_s, 'flops': flops,
-            'total_loss': float(metrics['total_loss']),
-            **turns.step_stats('train', batch['image'].shape[0], times, faults)}
+    result = {'compile_s': compile_s, 'flops': flops,
+              'total_loss': float(metrics['total_loss']),
+              **turns.step_stats('train', batch['image'].shape[0], times, faults)}
+    if stages:
+        result['stages'] = _stages(step_fn, step, compiled, state, batch)
+    return result
+
+
+def detectax_rois(config, batch: int) -> dict[str, dict[str, int]]:
+    """RoIs the box and mask heads see per step, fixed by the config's static shapes."""
+    m = config.model
+    return {'train': {'box_head': batch * m.roi_heads.batch_size_per_image,
+                      'mask_head': batch * m.mask_head.num_fg_slots},
+            'inference': {'box_head': batch * m.rpn.post_nms_topk_test,
+                          'mask_head': batch * m.test.detections_per_image}}
 
 
 def torchvision_autocast(config, requested: str | None) -> str:
@@ -329,6 +367,8 @@ def table_rows(dx: dict, tv: dict | None, peak_flops: float) -> list[tuple[str, 
         rows.append((f'{section} achieved GFLOP/s', _fmt(frac), '-', ''))
         rows.append((f'{section} host page faults per step', _fmt(d.get('page_faults_per_step')),
                      _fmt(tv.get(section, {}).get('page_faults_per_step')), ''))
+        rows += stage_flops.table_rows(section, d.get('stages'),
+                                      tv.get('stages', {}).get(section), _fmt)
     rows.append(('peak host RSS (MB)', _fmt(dx['peak_rss_mb'], 4),
                  _fmt(tv.get('peak_rss_mb'), 4), ''))
     dev = dx.get('device_peak_bytes')
@@ -376,10 +416,13 @@ def main(argv, host_memory_note: str = ''):
     try:
         if mode in ('inference', 'both'):
             dx['inference'] = time_inference(model, state, batch, _STEPS.value, _WARMUP.value,
-                                             turn('inference'))
+                                             turn('inference'), _STAGES.value)
         if mode in ('train', 'both'):
             dx['train'] = time_train(model, tx, state, batch, _STEPS.value, _WARMUP.value,
-                                     turn('train'))
+                                     turn('train'), _STAGES.value)
+        for section, rois in detectax_rois(config, _BATCH.value).items():
+            if 'stages' in dx.get(section, {}):
+                dx[section]['stages']['rois'] = rois
         if tv_client:
             tv = tv_client.finish()
     finally:

@@ -15,6 +15,10 @@ it with `--serve`, which times one step per request between Detectax's own steps
 (benchmarks/turns.py) instead of `--warmup` and `--steps`, and with GLIBC_TUNABLES
 set so that its allocator keeps freed memory as the Detectax process's does
 (projects/maskrcnn/host_memory.py); each side reports its minor page faults per step.
+Before the timed steps two more steps of each mode, each on a fresh copy of the
+model, count its FLOPs and time its forward pass by stage (torchvision_stages.py);
+after them one more counts the RoIs its heads see then; the summary gives them
+under 'stages'.
 
 The detector does the same work as Detectax's torchvision-convention config:
 frozen batch norm, stem and res2 frozen (torchvision's `trainable_backbone_layers=3`,
@@ -26,6 +30,7 @@ is not resized.
 
 import argparse
 import contextlib
+import copy as copy_lib
 import json
 import os
 
@@ -35,7 +40,7 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.ops import misc as misc_ops
 
-from benchmarks import turns
+from benchmarks import torchvision_stages, turns
 from benchmarks.memory import peak_rss_mb
 
 
@@ -88,11 +93,13 @@ def precision(args, device: torch.device):
 def inference_step(args, model, images, device):
     """One inference pass over the batch (100 detections per image)."""
 
-    def step():
+    def step(phases=None):
         model.eval()
         with torch.no_grad(), precision(args, device):
             out = model(images)
-        assert out[0]['masks'].shape[0] == 100, out[0]['masks'].shape
+        # The timed steps' work; the stage counts (`phases`) run after training
+        # steps may have moved the weights, which can leave fewer boxes.
+        assert phases or out[0]['masks'].shape[0] == 100, out[0]['masks'].shape
     return step
 
 
@@ -101,13 +108,17 @@ def train_step(args, model, images, targets, device):
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.02 * args.batch / 16, momentum=0.9, weight_decay=1e-4)
 
-    def step():
+    def step(phases=None):
         model.train()
         with precision(args, device):
             losses = model(images, targets)
             loss = sum(losses.values())
+        if phases:   # the forward pass ends here (torchvision_stages.py)
+            phases.mark('backward', _sync(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if phases:
+            phases.mark('optimizer', _sync(device))
         opt.step()
     return step
 
@@ -146,15 +157,28 @@ def main():
     result = {'torch': torch.__version__, 'torchvision': torchvision.__version__,
               'threads': torch.get_num_threads(), 'autocast': args.autocast,
               'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}
-    steps = {}
+    makers = {}
     if args.mode in ('inference', 'both'):
-        steps['inference'] = inference_step(args, model, images, device)
+        makers['inference'] = lambda m: inference_step(args, m, images, device)
     if args.mode in ('train', 'both'):
         targets = [{k: v.to(device) for k, v in t.items()}
                    for t in synthetic_targets(args, generator)]
-        steps['train'] = train_step(args, model, images, targets, device)
+        makers['train'] = lambda m: train_step(args, m, images, targets, device)
+    # FLOPs and stage times of each mode's first step, each on its own copy of the
+    # fresh model (the count's step warms the kernels up for the timed one): the
+    # timed steps' training can move the weights so far that fewer RoIs survive.
+    first = {}
+    for mode, make in makers.items():
+        first[mode] = torchvision_stages.count_flops(make(copy := copy_lib.deepcopy(model)), copy)
+        first[mode].update(torchvision_stages.time_stages(
+            make(copy := copy_lib.deepcopy(model)), copy, _sync(device)))
+    steps = {mode: make(model) for mode, make in makers.items()}
 
     def summary() -> dict:
+        # The RoIs the heads see after the timed steps: one more untimed step per mode.
+        for mode, step in steps.items():
+            first[mode]['rois_timed'] = torchvision_stages.count_rois(step, model)
+        result['stages'] = first
         if device.type == 'cuda':
             result['device_peak_bytes'] = torch.cuda.max_memory_allocated(device)
         result['peak_rss_mb'] = peak_rss_mb()

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from benchmarks import benchmark, turns
+from benchmarks import benchmark, stage_flops, turns
 from projects.maskrcnn.native import onednn
 from tests import tiny_shapes_config
 
@@ -31,9 +31,12 @@ def _table(text: str) -> dict[str, list[str]]:
 _FAKE_TORCHVISION = """
 import time
 from benchmarks import turns
+stages = {'inference': {'flops': {'body': {'forward': 3e9}, 'mask_head': {'forward': 5e9}},
+                        'time_s': {'forward': {'body': 0.25}, 'phases': {'forward': 0.5}}}}
 turns.serve({'inference': lambda: time.sleep(0.02), 'train': lambda: time.sleep(0.02)},
             batch=2, summary=lambda: {'torch': 'fake', 'torchvision': 'fake', 'device': 'cpu',
-                                      'threads': 1, 'autocast': 'none', 'peak_rss_mb': 1.0})
+                                      'threads': 1, 'autocast': 'none', 'peak_rss_mb': 1.0,
+                                      'stages': stages})
 """
 
 
@@ -81,6 +84,33 @@ def test_command_on_tiny_config_reports_positive_consistent_figures(tmp_path):
     assert 'train' not in result['torchvision']
     assert len(result['detectax']['inference']['times_s']) == 2
     assert result['detectax']['inference']['flops'] > 1e6
+    _assert_stage_rows(rows, result)
+
+
+def _assert_stage_rows(rows, result):
+    """The per-stage rows: Detectax's positive where the tiny model has the stage,
+    summing to its total; the stand-in torchvision's summary in its column."""
+    total = float(rows['inference GFLOP per step (XLA)'][0])
+    stages = [float(rows[f'inference {s} forward GFLOP'][0]) for s in stage_flops.STAGES]
+    for stage in ('body', 'fpn', 'rpn', 'box_head', 'mask_head'):
+        assert float(rows[f'inference {stage} forward GFLOP'][0]) > 0, stage
+        assert float(rows[f'inference {stage} forward time (ms)'][0]) > 0, stage
+    assert float(rows['inference all forward GFLOP'][0]) == pytest.approx(sum(stages), rel=0.01)
+    # Convolutions and dots: XLA's total less its elementwise work (a tenth of this model's).
+    assert 0.8 * total <= sum(stages) <= total * 1.001, (stages, total)
+    flops = result['detectax']['inference']['stages']['flops']
+    assert sum(v['forward'] for v in flops.values()) == pytest.approx(
+        1e9 * sum(stages), rel=0.01)
+    assert rows['inference body forward GFLOP'][1] == '3'
+    assert rows['inference mask_head forward GFLOP'][1] == '5'
+    assert rows['inference body forward time (ms)'][1] == '250'
+    d_body = float(rows['inference body forward time (ms)'][0])
+    assert rows['inference body forward time (ms)'][2] == f'{250 / d_body:.3g}x'
+    assert rows['inference fpn forward GFLOP'][1] == '-'   # the stand-in has no such stage
+    config = tiny_shapes_config.get_config()
+    assert result['detectax']['inference']['stages']['rois'] == {
+        'box_head': 2 * config.model.rpn.post_nms_topk_test,
+        'mask_head': 2 * config.model.test.detections_per_image}
 
 
 def test_peak_is_measured_in_the_configs_dtype():
@@ -211,6 +241,30 @@ def test_turns_report_a_child_that_dies_with_its_stderr():
             client.step('train', True)
     finally:
         client.close()
+
+
+def test_stage_rows_give_torchvisions_backward_as_one_total():
+    dx = {'flops': {'body': {'forward': 2e9, 'backward': 4e9}, 'rpn': {'forward': 1e9,
+                                                                       'backward': 1e9}},
+          'time_s': {'body': {'forward': 0.1, 'backward': 0.2}, 'rpn': {'forward': 0.05,
+                                                                        'backward': 0.1}}}
+    tv = {'flops': {'body': {'forward': 2e9}, 'all': {'forward': 3e9, 'backward': 6e9}},
+          'time_s': {'forward': {'body': 0.2}, 'phases': {'forward': 0.3, 'backward': 0.6}},
+          'rois': {'box_head': 1024, 'mask_head': 6}, 'rois_timed': {'box_head': 6,
+                                                                      'mask_head': 6}}
+    dx['rois'] = {'box_head': 1024, 'mask_head': 16}
+    rows = {r[0]: r[1:] for r in stage_flops.table_rows('train', dx, tv, benchmark._fmt)}
+    assert rows['train body forward GFLOP'] == ('2', '2', '')
+    assert rows['train body forward time (ms)'] == ('100', '200', '2x')
+    assert rows['train body backward GFLOP'] == ('4', '-', '')
+    assert rows['train all backward GFLOP'] == ('5', '6', '')
+    assert rows['train all backward time (ms)'] == ('300', '600', '2x')
+    assert rows['train all forward GFLOP'] == ('3', '3', '')
+    assert stage_flops.table_rows('train', None, None, benchmark._fmt) == []
+    assert rows['train box_head RoIs'] == ('1.02e+03', '1.02e+03 (6 after the timed steps)', '')
+    assert rows['train mask_head RoIs'] == ('16', '6', '')
+    assert 'inference body backward GFLOP' not in {
+        r[0] for r in stage_flops.table_rows('inference', dx, tv, benchmark._fmt)}
 
 
 def test_torchvision_device_memory_is_reported():
