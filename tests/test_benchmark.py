@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from benchmarks import benchmark, turns
-from projects.maskrcnn.native import onednn
+from projects.maskrcnn.kernels import onednn
 from tests import tiny_shapes_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,7 +126,7 @@ def test_padding_and_synthetic_batch():
 
 ROW_NAMES = ['forward conv, XLA', 'forward conv, Detectax', 'input grad, XLA',
              'input grad, Detectax', 'kernel grad, XLA', 'kernel grad, Detectax']
-# With the oneDNN kernels (tests/native/test_onednn.py requires them on Linux x86-64).
+# With the oneDNN kernels (tests/kernels/test_onednn.py requires them on Linux x86-64).
 ONEDNN_ROWS = ['forward conv, oneDNN', 'input grad, oneDNN', 'kernel grad, oneDNN']
 
 
@@ -253,24 +253,23 @@ def test_ab_train_step_forwards_the_step_flags_and_names_a_bad_tree(tmp_path):
 def test_ab_train_step_sets_each_sides_environment_and_names_a_bad_setting():
     from absl import app
     from benchmarks import ab_train_step
-    base = {'PATH': '/bin', 'DETECTAX_ONEDNN': 'auto'}
-    env = ab_train_step.side_env(base, ['DETECTAX_ONEDNN=off', 'X=a=b'], 'env_a')
-    assert env == {'PATH': '/bin', 'DETECTAX_ONEDNN': 'off', 'X': 'a=b'}
-    assert base['DETECTAX_ONEDNN'] == 'auto'   # the other side's environment is untouched
-    with pytest.raises(app.UsageError, match="--env_b: 'DETECTAX_ONEDNN' is not NAME=value"):
-        ab_train_step.side_env(base, ['DETECTAX_ONEDNN'], 'env_b')
+    base = {'PATH': '/bin', 'DETECTAX_CPU_KERNELS': 'auto'}
+    env = ab_train_step.side_env(base, ['DETECTAX_CPU_KERNELS=matmul', 'X=a=b'], 'env_a')
+    assert env == {'PATH': '/bin', 'DETECTAX_CPU_KERNELS': 'matmul', 'X': 'a=b'}
+    assert base['DETECTAX_CPU_KERNELS'] == 'auto'   # the other side's environment is untouched
+    with pytest.raises(app.UsageError, match="--env_b: 'DETECTAX_CPU_KERNELS' is not NAME=value"):
+        ab_train_step.side_env(base, ['DETECTAX_CPU_KERNELS'], 'env_b')
 
 
 @pytest.mark.skipif(not onednn.status().available, reason=onednn.status().reason)
 def test_flops_count_the_convolutions_that_run_as_custom_calls():
     import jax
     import jax.numpy as jnp
-    from projects.maskrcnn.modeling import layers
+    from projects.maskrcnn import kernels
     x, kernel = jnp.ones((2, 16, 16, 32)), jnp.ones((3, 3, 32, 64))
 
     def step(x, kernel):
-        return layers.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                           dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        return kernels.conv(x, kernel, (1, 1), ((1, 1), (1, 1)))
     compiled = jax.jit(step).lower(x, kernel).compile()   # traced with oneDNN first
     assert 'detectax_onednn_conv_forward' in compiled.as_text()
     assert benchmark._flops(compiled) < 1e6   # XLA sees no work in the custom call
