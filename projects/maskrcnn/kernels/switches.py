@@ -80,7 +80,8 @@ def host_memory() -> str:
 
 
 def cache_dir() -> str:
-    """Where the compiled oneDNN library is kept: $XDG_CACHE_HOME/detectax, else ~/.cache/detectax."""
+    """Where the compiled oneDNN library is kept: $XDG_CACHE_HOME/detectax (default
+    ~/.cache/detectax)."""
     check_retired()
     base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
     return os.path.join(base, 'detectax')

@@ -131,7 +131,8 @@ class Upsample2xConv(nn.Module):
         bias = self.param('bias', nn.initializers.zeros, (self.features,))
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         c, o = x.shape[-1], self.features
-        y = kernels.matmul(x, kernel.transpose(2, 0, 1, 3).reshape(c, 4 * o))  # [n, h, w, (a, b, o)]
+        # [n, h, w, c] @ [c, (a, b, o)], then depth-to-space.
+        y = kernels.matmul(x, kernel.transpose(2, 0, 1, 3).reshape(c, 4 * o))
         n, h, w, _ = y.shape
         y = y.reshape(n, h, w, 2, 2, o).transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, o)
         return kernels.add_bias(y, bias)
