@@ -224,12 +224,12 @@ def test_matmul_microbenchmark_times_the_three_arithmetics():
     cmd = [sys.executable, '-m', 'benchmarks.matmul_microbenchmark', '--shapes=64x48x32',
            '--reps=1']
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]  # it asserts the =dots row's accuracy
+    assert proc.returncode == 0, proc.stderr[-2000:]  # it asserts the =auto row's accuracy
     rows = re.findall(r'^\s*64x48x32 (float32|bfloat16, XLA \(=xla\)|bfloat16, float32 sums '
-                      r'\(=dots\))\s+([0-9.]+) ms .* ([0-9.]+) ms .* ([0-9.e+-]+)$',
+                      r'\(=auto\))\s+([0-9.]+) ms .* ([0-9.]+) ms .* ([0-9.e+-]+)$',
                       proc.stdout, re.M)
     assert [r[0] for r in rows] == ['float32', 'bfloat16, XLA (=xla)',
-                                    'bfloat16, float32 sums (=dots)'], proc.stdout
+                                    'bfloat16, float32 sums (=auto)'], proc.stdout
     assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
     assert float(rows[0][3]) == 0.0 and 0 < float(rows[2][3]) < 2 ** -7
 
