@@ -19,6 +19,7 @@ def _jaxprs() -> dict[str, tuple[str, str]]:
     w, b = jnp.ones((16, 4), jnp.bfloat16), jnp.ones((4,), jnp.float32)
     calls = {
         'conv': (lambda x, k: kernels.conv(x, k, (1, 1), PAD), (x, k)),
+        'conv_transpose_2x2': (lambda x, k: kernels.conv_transpose_2x2(x, k), (x, k[:2, :2])),
         'matmul': (lambda x, w: kernels.matmul(x, w), (x, w)),
         'dot_general': (lambda x, w: kernels.dot_general(x, w, (((3,), (0,)), ((), ()))), (x, w)),
         'add_bias': (lambda y, b: kernels.add_bias(y, b), (x[..., :4], b)),
@@ -32,7 +33,8 @@ def _jaxprs() -> dict[str, tuple[str, str]]:
     return out
 
 
-PLAIN = {'conv': 'conv_general_dilated', 'matmul': 'dot_general', 'dot_general': 'dot_general',
+PLAIN = {'conv': 'conv_general_dilated', 'conv_transpose_2x2': 'dot_general',
+         'matmul': 'dot_general', 'dot_general': 'dot_general',
          'add_bias': 'add', 'max_pool': 'reduce_window_max'}
 
 

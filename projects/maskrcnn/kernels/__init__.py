@@ -1,7 +1,7 @@
 """The primitives the model is built from, and where each backend's kernels come from.
 
-`modeling/` calls only these five: `conv`, `matmul`, `dot_general` (for `nn.Dense`),
-`add_bias` and `max_pool`. Each is the plain `lax` call written below on every backend but
+`modeling/` calls only these six: `conv`, `conv_transpose_2x2`, `matmul`, `dot_general`
+(for `nn.Dense`), `add_bias` and `max_pool`. Each is the plain `lax` call written below on every backend but
 the CPU, and on the CPU with DETECTAX_CPU_KERNELS=xla; on the CPU by default a convolution
 runs through oneDNN (onednn.py, onednn_conv.cc) and the rest through XLA:CPU lowerings that
 run faster there (cpu.py). Every form computes the same function (float32 sums, rounded once
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from projects.maskrcnn.kernels import cpu, onednn, switches
 
-__all__ = ['conv', 'matmul', 'dot_general', 'add_bias', 'max_pool']
+__all__ = ['conv', 'conv_transpose_2x2', 'matmul', 'dot_general', 'add_bias', 'max_pool']
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 Padding = tuple[tuple[int, int], tuple[int, int]]
@@ -49,6 +49,20 @@ def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int], padding: Pad
     if kernel.dtype == x.dtype and onednn.enabled(x.dtype):
         return onednn.conv(x, kernel, strides, padding)
     return cpu.conv(x, kernel, strides, padding)
+
+
+def conv_transpose_2x2(x: jax.Array, kernel: jax.Array):
+    """A 2x2 transposed convolution with stride 2, x [N, H, W, C] -> [N, 2H, 2W, F]:
+    out[2i + a, 2j + b, o] = sum_c x[i, j, c] * kernel[a, b, c, o].
+
+    Its windows do not overlap, so it is one product followed by depth-to-space
+    (XLA's dilated-convolution form of it is many times slower on the CPU).
+    """
+    if _plain_lax():
+        y = jnp.einsum('nhwc,abco->nhawbo', x, kernel)
+        n, h, _, w, _, o = y.shape
+        return y.reshape(n, 2 * h, 2 * w, o)
+    return cpu.conv_transpose_2x2(x, kernel)
 
 
 def matmul(x: jax.Array, w: jax.Array, precision=None):

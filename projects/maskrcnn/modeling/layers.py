@@ -115,11 +115,9 @@ dense = functools.partial(nn.Dense, kernel_init=xavier_init, dot_general=kernels
 class Upsample2xConv(nn.Module):
     """2x2 transposed convolution with stride 2 (the mask head's upsampling).
 
-    Its windows do not overlap, so it is one matmul followed by depth-to-space:
     out[2i + a, 2j + b, o] = sum_c x[i, j, c] * kernel[a, b, c, o] + bias[o],
     the arithmetic of PyTorch's ConvTranspose2d(k=2, s=2) with its weight
-    [c, o, a, b] stored as kernel[a, b, c, o]. (XLA's dilated-convolution path
-    for the same op is many times slower on CPU.)
+    [c, o, a, b] stored as kernel[a, b, c, o].
     """
     features: int
     dtype: Any = jnp.float32
@@ -129,12 +127,7 @@ class Upsample2xConv(nn.Module):
     def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
         kernel = self.param('kernel', self.kernel_init, (2, 2, x.shape[-1], self.features))
         bias = self.param('bias', nn.initializers.zeros, (self.features,))
-        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        c, o = x.shape[-1], self.features
-        # [n, h, w, c] @ [c, (a, b, o)], then depth-to-space.
-        y = kernels.matmul(x, kernel.transpose(2, 0, 1, 3).reshape(c, 4 * o))
-        n, h, w, _ = y.shape
-        y = y.reshape(n, h, w, 2, 2, o).transpose(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, o)
+        y = kernels.conv_transpose_2x2(x.astype(self.dtype), kernel.astype(self.dtype))
         return kernels.add_bias(y, bias)
 
 
