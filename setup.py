@@ -11,7 +11,7 @@ setuptools.setup(
     python_requires='>=3.10',
     packages=setuptools.find_packages(include=['projects', 'projects.*', 'configs']),
     package_data={'projects.maskrcnn': ['CONVENTIONS.md'],
-                  'projects.maskrcnn.native': ['*.cc']},
+                  'projects.maskrcnn.kernels': ['*.cc']},
     install_requires=[
         'absl-py',
         'clu>=0.0.10',
@@ -29,7 +29,7 @@ setuptools.setup(
         'importlib-resources',  # tensorflow-datasets needs it to build datasets
         'tensorboard',          # clu's TensorBoard writer
         'tqdm',
-        # oneDNN convolutions on the CPU backend (projects/maskrcnn/native), compiled on
+        # oneDNN convolutions on the CPU backend (projects/maskrcnn/kernels), compiled on
         # first use with the system's C++ compiler; without them XLA's convolutions run.
         'onednn-cpu-gomp>=2023.0; sys_platform == "linux" and platform_machine == "x86_64"',
         'onednn-devel-cpu-gomp>=2023.0; sys_platform == "linux" and platform_machine == "x86_64"',

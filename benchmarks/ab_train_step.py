@@ -17,9 +17,9 @@ minima, and the ratio A / B (above 1: B faster), and the final losses: the same
 model on the same data gives the same loss unless the change alters arithmetic.
 
 With `--a=. --b=.` and `--env_a` / `--env_b` it times one switch of the same tree
-instead, e.g. the oneDNN convolutions against XLA's:
+instead, e.g. the oneDNN convolutions against the matmul fallback:
 
-  python -m benchmarks.ab_train_step --a=. --b=. --env_a=DETECTAX_ONEDNN=off \
+  python -m benchmarks.ab_train_step --a=. --b=. --env_a=DETECTAX_CPU_KERNELS=matmul \
       --config=configs/demo_shapes.py --height=128 --width=128 --batch=8 \
       --num_classes=3 --instances=6 --rounds=6 --steps_per_round=5
 """
@@ -56,7 +56,7 @@ def define_flags() -> None:
     _STEPS = flags.DEFINE_integer('steps_per_round', 2, 'Timed steps per turn.')
     _CHILD = flags.DEFINE_string('child', None, 'Internal: run as the child for this tree.')
     _ENV_A = flags.DEFINE_multi_string(
-        'env_a', [], 'NAME=value for side A only, repeatable, e.g. DETECTAX_ONEDNN=off '
+        'env_a', [], 'NAME=value for side A only, repeatable, e.g. DETECTAX_CPU_KERNELS=matmul '
         '(with --a=. --b=. it times one switch).')
     _ENV_B = flags.DEFINE_multi_string('env_b', [], 'NAME=value for side B only, repeatable.')
 
@@ -164,7 +164,7 @@ def main(argv) -> None:
     if not (_A.value and _B.value and _CONFIG.value is not None):
         raise app.UsageError('--a, --b and --config are required')
     forwarded = step_flags(sys.argv[1:])
-    from projects.maskrcnn import host_memory  # pylint: disable=g-import-not-at-top
+    from projects.maskrcnn.kernels import host_memory  # pylint: disable=g-import-not-at-top
     env = dict(os.environ)
     env.pop('PYTHONPATH', None)
     if tunables := host_memory.glibc_tunables():

@@ -50,10 +50,10 @@ import numpy as np
 
 from benchmarks import stage_flops, turns
 from benchmarks.memory import peak_rss_mb
-from projects.maskrcnn import host_memory, optim
+from projects.maskrcnn import optim
 from projects.maskrcnn import steps as step_lib
+from projects.maskrcnn.kernels import host_memory, onednn
 from projects.maskrcnn.model import MaskRCNNModel
-from projects.maskrcnn.native import onednn
 
 # Flag holders, set by define_flags() when run as a command (importing the module
 # defines no flags, so tests and other commands can import it).
@@ -191,7 +191,7 @@ def _device_peak_bytes() -> int | None:
 def measured_matmul_flops(dtype: str = 'float32', n: int = 2048, reps: int = 5) -> float:
     """Best n x n x n matmul rate of this backend (FLOP/s), the CPU stand-in for peak.
 
-    16-bit operands are multiplied with float32 sums, as modeling/layers.matmul
+    16-bit operands are multiplied with float32 sums, as the kernels.matmul primitive
     does (on CPUs with bfloat16 matrix units, several times the float32 rate), so
     that a 16-bit step's achieved fraction is of the rate its matmuls can reach.
     """
@@ -302,7 +302,7 @@ def torchvision_command(python: str, config, height: int, width: int, batch: int
 
 def torchvision_env() -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'VIRTUAL_ENV')}
-    # The child's allocator keeps freed memory as this process's does (host_memory.py).
+    # The child's allocator keeps freed memory as this process's does (kernels/host_memory.py).
     if tunables := host_memory.glibc_tunables():
         env['GLIBC_TUNABLES'] = ':'.join(filter(None, [env.get('GLIBC_TUNABLES'), tunables]))
     return env
@@ -471,7 +471,7 @@ def main(argv, host_memory_note: str = ''):
 
 
 if __name__ == '__main__':
-    # Before JAX starts its backend (host_memory.py); the torchvision child gets the same.
+    # Before JAX starts its backend (kernels/host_memory.py); the torchvision child gets the same.
     _note = host_memory.keep_freed_memory()
     define_flags()
     app.run(functools.partial(main, host_memory_note=_note))

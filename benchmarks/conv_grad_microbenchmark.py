@@ -3,18 +3,17 @@ r"""One convolution layer on the CPU: XLA's lowering against the project's two.
   python -m benchmarks.conv_grad_microbenchmark --shape=2,128,128,256 --features=256 --kernel=3 --stride=1
   python -m benchmarks.conv_grad_microbenchmark ... --dtype=bfloat16
 
-`modeling/layers.py: conv_general_dilated` rewrites convolutions into matmuls
-where XLA:CPU runs those faster: a kernel gradient as one matmul per kernel tap
+Where oneDNN does not run the convolutions, the `kernels.conv` primitive rewrites
+them into matmuls where XLA:CPU runs those faster (kernels/cpu.py): a kernel gradient as one matmul per kernel tap
 (XLA lowers it to a convolution whose window is the whole feature map, far
 below its matmul rate), a 1x1 convolution as a dot, and in bfloat16 a stride-1
 convolution and its input gradient as float32-accumulated tap dots (which
 XLA:CPU runs on the bfloat16 matrix units where the CPU has them). This script
 times, on one layer shape, the forward convolution and the input gradient with
-XLA's lowering (DETECTAX_MATMUL=xla, DETECTAX_CONV_KERNEL_GRAD=xla) and with
-the project's default ('Detectax'), and the kernel gradient both ways, and
-checks that the kernel gradients agree. With the oneDNN kernels available
-(projects/maskrcnn/native/onednn.py) it adds their rows (DETECTAX_ONEDNN=on;
-the other rows run with it off).
+XLA's lowering (DETECTAX_CPU_KERNELS=xla) and with the project's matmul lowering
+('Detectax', =matmul), and the kernel gradient both ways, and checks that the
+kernel gradients agree. With the oneDNN kernels available
+(projects/maskrcnn/kernels/onednn.py) it adds their rows (=onednn).
 """
 
 from absl import app, flags
@@ -22,9 +21,8 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import timing
-from projects.maskrcnn import host_memory
-from projects.maskrcnn.modeling import layers
-from projects.maskrcnn.native import onednn
+from projects.maskrcnn import kernels
+from projects.maskrcnn.kernels import host_memory, onednn
 
 
 def define_flags() -> None:
@@ -36,11 +34,9 @@ def define_flags() -> None:
     flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16'], 'Operand dtype.')
 
 
-def _jit_in_mode(fn, kernel_grad: str, matmul: str = 'xla', onednn_mode: str = 'off'):
-    """jit(fn) traced with DETECTAX_CONV_KERNEL_GRAD, DETECTAX_MATMUL and DETECTAX_ONEDNN
-    set (read at trace time)."""
-    return timing.jit_with_env(fn, DETECTAX_CONV_KERNEL_GRAD=kernel_grad, DETECTAX_MATMUL=matmul,
-                               DETECTAX_ONEDNN=onednn_mode)
+def _jit_in_mode(fn, mode: str):
+    """jit(fn) traced with DETECTAX_CPU_KERNELS=mode (read at trace time)."""
+    return timing.jit_with_env(fn, DETECTAX_CPU_KERNELS=mode)
 
 
 def main(argv):
@@ -50,8 +46,7 @@ def main(argv):
     k, s, p = f.kernel, f.stride, f.kernel // 2
 
     def conv(x, kernel):
-        return layers.conv_general_dilated(x, kernel, (s, s), ((p, p), (p, p)),
-                                           dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        return kernels.conv(x, kernel, (s, s), ((p, p), (p, p)))
 
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     dtype = jnp.dtype(f.dtype)
@@ -63,8 +58,8 @@ def main(argv):
     kernel_grad = lambda x, kernel, dy: jax.vjp(lambda v: conv(x, v), kernel)[1](dy)[0]  # noqa: E731
     input_grad = lambda x, kernel, dy: jax.vjp(lambda v: conv(v, kernel), x)[1](dy)[0]  # noqa: E731
     # Detectax's kernel gradient as the model gets it: tap matmuls, and with 16-bit
-    # operands and stride 1, dy^T copied out row-major (layers._row_major_transpose).
-    xla, taps = _jit_in_mode(kernel_grad, 'xla'), _jit_in_mode(kernel_grad, 'auto', 'auto')
+    # operands and stride 1, dy^T copied out row-major (kernels/cpu.py: row_major_transpose).
+    xla, taps = _jit_in_mode(kernel_grad, 'xla'), _jit_in_mode(kernel_grad, 'matmul')
     reference = xla(x, kernel, dy)
     as_f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
     err = float(jnp.max(jnp.abs(as_f32(reference) - as_f32(taps(x, kernel, dy))))
@@ -74,13 +69,13 @@ def main(argv):
     print(f'input {n}x{h}x{w}x{c}, {k}x{k} stride {s} -> {f.features}, {f.dtype}: '
           f'{flops / 1e9:.2f} GFLOP each')
     rows = [('forward conv, XLA', _jit_in_mode(conv, 'xla'), (x, kernel)),
-            ('forward conv, Detectax', _jit_in_mode(conv, 'auto', 'auto'), (x, kernel)),
+            ('forward conv, Detectax', _jit_in_mode(conv, 'matmul'), (x, kernel)),
             ('input grad, XLA', _jit_in_mode(input_grad, 'xla'), (x, kernel, dy)),
-            ('input grad, Detectax', _jit_in_mode(input_grad, 'auto', 'auto'), (x, kernel, dy))]
+            ('input grad, Detectax', _jit_in_mode(input_grad, 'matmul'), (x, kernel, dy))]
     rows += [('kernel grad, XLA', xla, (x, kernel, dy)),
              ('kernel grad, Detectax', taps, (x, kernel, dy))]
     if onednn.status().available and f.dtype in onednn.status().dtypes:
-        in_onednn = lambda fn: _jit_in_mode(fn, 'auto', 'auto', 'on')  # noqa: E731
+        in_onednn = lambda fn: _jit_in_mode(fn, 'onednn')  # noqa: E731
         dnnl_grad = in_onednn(kernel_grad)
         derr = float(jnp.max(jnp.abs(as_f32(reference) - as_f32(dnnl_grad(x, kernel, dy))))
                      / jnp.max(jnp.abs(as_f32(reference))))
@@ -88,7 +83,8 @@ def main(argv):
         rows += [('forward conv, oneDNN', in_onednn(conv), (x, kernel)),
                  ('input grad, oneDNN', in_onednn(input_grad), (x, kernel, dy)),
                  ('kernel grad, oneDNN', dnnl_grad, (x, kernel, dy))]
-        print("'Detectax' rows: the project's XLA lowering (DETECTAX_ONEDNN=off); 'oneDNN' rows: "
+        print("'Detectax' rows: the project's matmul lowering (DETECTAX_CPU_KERNELS=matmul); "
+              "'oneDNN' rows: "
               '%d thread(s) for the forward call, %d for each gradient call '
               '(DETECTAX_ONEDNN_THREADS)' % onednn.threads())
     else:

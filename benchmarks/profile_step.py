@@ -23,7 +23,7 @@ from absl import app, flags
 import jax
 
 from benchmarks import benchmark
-from projects.maskrcnn import host_memory
+from projects.maskrcnn.kernels import host_memory
 
 # Flag holders, set by define_flags(): benchmark.py's --config, --height, --width,
 # --batch, --mode and --steps, and this command's own.

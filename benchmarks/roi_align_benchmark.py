@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import timing
-from projects.maskrcnn import host_memory
+from projects.maskrcnn.kernels import host_memory
 from projects.maskrcnn.ops import roi_align
 
 STRIDES = (4, 8, 16, 32)

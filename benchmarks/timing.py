@@ -21,7 +21,7 @@ def median_seconds(fn, *args, reps: int) -> float:
 def jit_with_env(fn, **env: str):
     """jit(fn) traced with the environment variables `env` (NAME=value) set, restored after.
 
-    For the lowering switches of modeling/layers.py, which are read when a function is traced.
+    For the switches of the kernels package, which are read when a function is traced.
     """
     jitted = jax.jit(lambda *args: fn(*args))   # a fresh function: jit caches traces by it
 

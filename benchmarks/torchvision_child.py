@@ -14,7 +14,7 @@ runs on the GPU (and synchronises before reading the clock). benchmark.py runs
 it with `--serve`, which times one step per request between Detectax's own steps
 (benchmarks/turns.py) instead of `--warmup` and `--steps`, and with GLIBC_TUNABLES
 set so that its allocator keeps freed memory as the Detectax process's does
-(projects/maskrcnn/host_memory.py); each side reports its minor page faults per step.
+(projects/maskrcnn/kernels/host_memory.py); each side reports its minor page faults per step.
 Before the timed steps two more steps of each mode, each on a fresh copy of the
 model, count its FLOPs and time its forward pass by stage (torchvision_stages.py);
 after them one more counts the RoIs its heads see then; the summary gives them

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from benchmarks import benchmark, stage_flops, turns
-from projects.maskrcnn.native import onednn
+from projects.maskrcnn.kernels import onednn
 from tests import tiny_shapes_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,7 +156,7 @@ def test_padding_and_synthetic_batch():
 
 ROW_NAMES = ['forward conv, XLA', 'forward conv, Detectax', 'input grad, XLA',
              'input grad, Detectax', 'kernel grad, XLA', 'kernel grad, Detectax']
-# With the oneDNN kernels (tests/native/test_onednn.py requires them on Linux x86-64).
+# With the oneDNN kernels (tests/kernels/test_onednn.py requires them on Linux x86-64).
 ONEDNN_ROWS = ['forward conv, oneDNN', 'input grad, oneDNN', 'kernel grad, oneDNN']
 
 
@@ -278,12 +278,12 @@ def test_matmul_microbenchmark_times_the_three_arithmetics():
     cmd = [sys.executable, '-m', 'benchmarks.matmul_microbenchmark', '--shapes=64x48x32',
            '--reps=1']
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]  # it asserts the =dots row's accuracy
+    assert proc.returncode == 0, proc.stderr[-2000:]  # it asserts the =auto row's accuracy
     rows = re.findall(r'^\s*64x48x32 (float32|bfloat16, XLA \(=xla\)|bfloat16, float32 sums '
-                      r'\(=dots\))\s+([0-9.]+) ms .* ([0-9.]+) ms .* ([0-9.e+-]+)$',
+                      r'\(=auto\))\s+([0-9.]+) ms .* ([0-9.]+) ms .* ([0-9.e+-]+)$',
                       proc.stdout, re.M)
     assert [r[0] for r in rows] == ['float32', 'bfloat16, XLA (=xla)',
-                                    'bfloat16, float32 sums (=dots)'], proc.stdout
+                                    'bfloat16, float32 sums (=auto)'], proc.stdout
     assert all(float(r[1]) > 0 and float(r[2]) > 0 for r in rows)
     assert float(rows[0][3]) == 0.0 and 0 < float(rows[2][3]) < 2 ** -7
 
@@ -307,24 +307,23 @@ def test_ab_train_step_forwards_the_step_flags_and_names_a_bad_tree(tmp_path):
 def test_ab_train_step_sets_each_sides_environment_and_names_a_bad_setting():
     from absl import app
     from benchmarks import ab_train_step
-    base = {'PATH': '/bin', 'DETECTAX_ONEDNN': 'auto'}
-    env = ab_train_step.side_env(base, ['DETECTAX_ONEDNN=off', 'X=a=b'], 'env_a')
-    assert env == {'PATH': '/bin', 'DETECTAX_ONEDNN': 'off', 'X': 'a=b'}
-    assert base['DETECTAX_ONEDNN'] == 'auto'   # the other side's environment is untouched
-    with pytest.raises(app.UsageError, match="--env_b: 'DETECTAX_ONEDNN' is not NAME=value"):
-        ab_train_step.side_env(base, ['DETECTAX_ONEDNN'], 'env_b')
+    base = {'PATH': '/bin', 'DETECTAX_CPU_KERNELS': 'auto'}
+    env = ab_train_step.side_env(base, ['DETECTAX_CPU_KERNELS=matmul', 'X=a=b'], 'env_a')
+    assert env == {'PATH': '/bin', 'DETECTAX_CPU_KERNELS': 'matmul', 'X': 'a=b'}
+    assert base['DETECTAX_CPU_KERNELS'] == 'auto'   # the other side's environment is untouched
+    with pytest.raises(app.UsageError, match="--env_b: 'DETECTAX_CPU_KERNELS' is not NAME=value"):
+        ab_train_step.side_env(base, ['DETECTAX_CPU_KERNELS'], 'env_b')
 
 
 @pytest.mark.skipif(not onednn.status().available, reason=onednn.status().reason)
 def test_flops_count_the_convolutions_that_run_as_custom_calls():
     import jax
     import jax.numpy as jnp
-    from projects.maskrcnn.modeling import layers
+    from projects.maskrcnn import kernels
     x, kernel = jnp.ones((2, 16, 16, 32)), jnp.ones((3, 3, 32, 64))
 
     def step(x, kernel):
-        return layers.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                           dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        return kernels.conv(x, kernel, (1, 1), ((1, 1), (1, 1)))
     compiled = jax.jit(step).lower(x, kernel).compile()   # traced with oneDNN first
     assert 'detectax_onednn_conv_forward' in compiled.as_text()
     assert benchmark._flops(compiled) < 1e6   # XLA sees no work in the custom call

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from projects.maskrcnn import predict, serving_loader
-from projects.maskrcnn.native import onednn
+from projects.maskrcnn.kernels import onednn
 from tests import tiny_shapes_config
 from tests.test_predict import NAMES, PHOTOS, save_random_checkpoint
 

@@ -29,7 +29,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from projects.maskrcnn import predict, serving_loader
-from projects.maskrcnn.native import onednn
+from projects.maskrcnn.kernels import onednn
 
 FORMAT_VERSION = 1
 

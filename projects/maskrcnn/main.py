@@ -25,8 +25,9 @@ from clu import metric_writers
 import jax
 import ml_collections
 
-from projects.maskrcnn import host_memory, trainer
+from projects.maskrcnn import trainer
 from projects.maskrcnn.data import dataset as dataset_lib
+from projects.maskrcnn.kernels import host_memory
 from projects.maskrcnn.model import MaskRCNNModel
 from projects.maskrcnn.scenic_compat import SCENIC_AVAILABLE, runtime_name
 
@@ -71,7 +72,7 @@ def main(rng: jax.Array, config: ml_collections.ConfigDict, workdir: str,
 
 
 if __name__ == '__main__':
-    # Before JAX starts its backend: keeps the step's freed host buffers (host_memory.py).
+    # Before JAX starts its backend: keeps the step's freed host buffers (kernels/host_memory.py).
     _HOST_MEMORY = host_memory.keep_freed_memory()
     initialize_distributed()
     app.run(main=main)

@@ -12,16 +12,16 @@ for large blocks, and no trimming of the heap's top.
 
 Call it before JAX starts its backend (before the first array or jit), so that the
 worker threads have not yet picked an arena. `DETECTAX_HOST_MEMORY=release` leaves
-the allocator as it is. The module imports only the standard library, so the
-torchvision benchmark child can use `glibc_tunables()` for the same setting.
+the allocator as it is (kernels/switches.py). `glibc_tunables()` gives the same
+setting to a child process, such as the torchvision benchmark's.
 """
 
 import ctypes
-import os
 import sys
 
-ENV = 'DETECTAX_HOST_MEMORY'
-MODES = ('keep', 'release')
+from projects.maskrcnn.kernels import switches
+
+ENV = switches.HOST_MEMORY_ENV
 
 # mallopt parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -31,10 +31,7 @@ _M_ARENA_MAX = -8
 
 def requested_mode() -> str:
     """`DETECTAX_HOST_MEMORY` (default keep); a clear error for any other value."""
-    mode = os.environ.get(ENV, 'keep') or 'keep'
-    if mode not in MODES:
-        raise ValueError(f'{ENV}={mode!r}: expected one of {", ".join(MODES)}')
-    return mode
+    return switches.host_memory()
 
 
 def _glibc():

@@ -9,16 +9,17 @@ gradient as three XLA FFI custom calls into oneDNN (onednn_conv.cc).
 
 The C++ source is compiled once, with the system's C++ compiler ($CXX, else
 c++) against the `onednn-cpu-gomp` and `onednn-devel-cpu-gomp` wheels and
-JAX's FFI headers, into $DETECTAX_NATIVE_CACHE (default ~/.cache/detectax),
+JAX's FFI headers, into $XDG_CACHE_HOME/detectax (default ~/.cache/detectax),
 one library per source, compiler, JAX and oneDNN version. `status()` says
-whether the kernels are usable and, if not, why. `enabled(dtype)` is the
-switch the model's layers consult (modeling/layers.py), from DETECTAX_ONEDNN:
+whether the kernels are usable and, if not, why. `enabled(dtype)` is what the
+`conv` primitive (kernels/__init__.py) consults, from DETECTAX_CPU_KERNELS
+(kernels/switches.py):
 - auto (default): on the CPU backend with one device, where the kernels build
-  and oneDNN supports the dtype on this CPU; otherwise XLA's convolutions, with
+  and oneDNN supports the dtype on this CPU; otherwise the XLA lowering, with
   one warning that says why (the custom calls have no sharding rule, so on
   several devices XLA would repeat each convolution on every one);
-- on: always, and a clear error if they cannot be used;
-- off: never.
+- onednn: always on the CPU backend, and a clear error if they cannot be used;
+- matmul, xla: never.
 `portable()` turns them off while tracing something that must run without this
 library (`jax.export` artifacts, export.py).
 """
@@ -40,10 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ENV = 'DETECTAX_ONEDNN'
-MODES = ('auto', 'on', 'off')
-CACHE_ENV = 'DETECTAX_NATIVE_CACHE'
-THREADS_ENV = 'DETECTAX_ONEDNN_THREADS'
+from projects.maskrcnn.kernels import switches
+
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'onednn_conv.cc')
 LIBRARY_DIST, HEADERS_DIST = 'onednn-cpu-gomp', 'onednn-devel-cpu-gomp'
 _FORWARD = 'detectax_onednn_conv_forward'
@@ -72,17 +71,6 @@ class _DnnlVersion(ctypes.Structure):
     _fields_ = [('major', ctypes.c_int), ('minor', ctypes.c_int), ('patch', ctypes.c_int)]
 
 
-def mode() -> str:
-    value = os.environ.get(ENV, 'auto')
-    if value not in MODES:
-        raise ValueError(f'{ENV}={value!r}; expected one of {MODES}')
-    return value
-
-
-def cache_dir() -> str:
-    return os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser('~'), '.cache', 'detectax')
-
-
 def _dist_file(dist: str, suffix: str) -> str:
     for f in importlib.metadata.distribution(dist).files or ():
         if ('/' + str(f).replace(os.sep, '/')).endswith('/' + suffix):
@@ -104,10 +92,10 @@ def build() -> str:
                 importlib.metadata.version(LIBRARY_DIST),
                 importlib.metadata.version(HEADERS_DIST), cxx, include, libdir]
     key = hashlib.sha256(source + '\0'.join(versions).encode()).hexdigest()[:16]
-    out = os.path.join(cache_dir(), f'libdetectax_onednn_{key}.so')
+    out = os.path.join(switches.cache_dir(), f'libdetectax_onednn_{key}.so')
     if os.path.exists(out):
         return out
-    os.makedirs(cache_dir(), exist_ok=True)
+    os.makedirs(switches.cache_dir(), exist_ok=True)
     tmp = f'{out}.{os.getpid()}.tmp'
     cmd = [cxx, '-O2', '-std=c++17', '-shared', '-fPIC', '-fopenmp', f'-I{include}',
            f'-I{jax.ffi.include_dir()}', SOURCE, f'-L{libdir}', '-l:libdnnl.so.3',
@@ -150,7 +138,8 @@ def describe(dtype) -> str:
     if enabled(dtype):
         return ('convolutions through oneDNN %s (%d thread(s) per forward call, %d per gradient '
                 'call)' % (status().version, *threads()))
-    return f'convolutions as XLA lowers them ({ENV}={mode()})'
+    return (f'convolutions as XLA lowers them '
+            f'({switches.CPU_KERNELS_ENV}={switches.cpu_kernels()})')
 
 
 @contextlib.contextmanager
@@ -167,10 +156,8 @@ def portable():
 def enabled(dtype) -> bool:
     """Whether `conv` should run a convolution with operands of `dtype` (read at trace time)."""
     global _warned
-    m = mode()
-    if m == 'off' or _portable.get():
-        return False
-    if m == 'auto' and jax.default_backend() != 'cpu':
+    m = switches.cpu_kernels()
+    if m in ('matmul', 'xla') or _portable.get() or jax.default_backend() != 'cpu':
         return False
     with _lock:
         st = status()
@@ -184,8 +171,9 @@ def enabled(dtype) -> bool:
         return True
     else:
         why = st.reason if not st.available else f'oneDNN does not run {name} on this CPU'
-    if m == 'on':
-        raise RuntimeError(f'{ENV}=on, but the oneDNN convolutions cannot be used: {why}')
+    if m == 'onednn':
+        raise RuntimeError(f'{switches.CPU_KERNELS_ENV}=onednn, but the oneDNN convolutions '
+                           f'cannot be used: {why}')
     if not _warned:
         _warned = True
         logging.warning('Convolutions run as XLA lowers them, not through oneDNN: %s', why)
@@ -194,24 +182,11 @@ def enabled(dtype) -> bool:
 
 def threads() -> tuple[int, int]:
     """OpenMP threads of each forward call and of each gradient call, from
-    DETECTAX_ONEDNN_THREADS ('auto' or 'F,G'). auto: a forward convolution gets
-    every core (the forward pass is mostly a chain of them); a gradient gets one,
-    since XLA runs the independent input and kernel gradients of a layer, and
-    other work, on its own threads at the same time (BENCHMARKS.md, seventh round:
-    in the bfloat16 training step, 1 thread per call beat 2, and all cores for
-    the forward calls were 1.01-1.06x faster than 1, `ab_train_step --env_a`)."""
-    value = os.environ.get(THREADS_ENV, 'auto')
-    if value == 'auto':
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-        return cores or 1, 1
-    try:
-        forward, gradient = (int(v) for v in value.split(','))
-    except ValueError:
-        forward = gradient = 0
-    if forward < 1 or gradient < 1:
-        raise ValueError(f'{THREADS_ENV}={value!r}; expected auto or two positive counts, '
-                         'e.g. 2,1 (forward, gradient)')
-    return forward, gradient
+    DETECTAX_ONEDNN_THREADS ('auto' or 'F,G'; kernels/switches.py). The default, all
+    cores for a forward call and one per gradient call, was 1.06x faster than one
+    everywhere, and one per call 1.15x faster than two, in the bfloat16 training step
+    (BENCHMARKS.md, seventh round, `ab_train_step --env_a`)."""
+    return switches.onednn_threads()
 
 
 @functools.cache

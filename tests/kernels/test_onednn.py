@@ -1,4 +1,4 @@
-"""Tests for native/onednn.py: oneDNN convolutions as XLA custom calls on the CPU backend."""
+"""Tests for kernels/onednn.py: oneDNN convolutions as XLA custom calls on the CPU backend."""
 
 import os
 import platform
@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from projects.maskrcnn.modeling import layers
+from projects.maskrcnn import kernels
+from projects.maskrcnn.kernels import onednn
 from projects.maskrcnn.modeling.heads.mask_head import MaskHead
-from projects.maskrcnn.native import onednn
 from tests.variables import fill_variables
 
 # setup.py installs the oneDNN wheels on Linux x86-64, and the tests require the
@@ -102,28 +102,25 @@ def test_vmap_folds_the_mapped_axis_into_the_batch_and_maps_kernels_per_element(
 
 
 @needs_kernels
-def test_layers_route_plain_convolutions_by_mode(monkeypatch):
+def test_the_conv_primitive_routes_by_mode(monkeypatch):
     x = jnp.ones((1, 8, 8, 16), jnp.float32)
     kernel = jnp.ones((3, 3, 16, 4), jnp.float32)
 
     def loss(x, kernel):
-        return jnp.sum(jnp.sin(layers.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                                           dimension_numbers=NHWC)))
+        return jnp.sum(jnp.sin(kernels.conv(x, kernel, (1, 1), ((1, 1), (1, 1)))))
 
     grad = jax.grad(loss, (0, 1))
-    monkeypatch.setenv('DETECTAX_ONEDNN', 'auto')
+    monkeypatch.setenv('DETECTAX_CPU_KERNELS', 'auto')
     assert _custom_call_targets(grad, x, kernel) == {
         'detectax_onednn_conv_forward', 'detectax_onednn_conv_input_grad',
         'detectax_onednn_conv_kernel_grad'}
     with onednn.portable():
         assert _custom_call_targets(grad, x, kernel) == set()
-    monkeypatch.setenv('DETECTAX_ONEDNN', 'off')
-    assert _custom_call_targets(grad, x, kernel) == set()
-    # Dilated and grouped convolutions are not oneDNN's here: XLA's, in any mode.
-    monkeypatch.setenv('DETECTAX_ONEDNN', 'on')
-    dilated = lambda x, k: layers.conv_general_dilated(  # noqa: E731
-        x, k, (1, 1), ((2, 2), (2, 2)), rhs_dilation=(2, 2), dimension_numbers=NHWC)
-    assert _custom_call_targets(dilated, x, kernel) == set()
+    for mode in ('matmul', 'xla'):
+        monkeypatch.setenv('DETECTAX_CPU_KERNELS', mode)
+        assert _custom_call_targets(grad, x, kernel) == set()
+    monkeypatch.setenv('DETECTAX_CPU_KERNELS', 'onednn')
+    assert len(_custom_call_targets(grad, x, kernel)) == 3
 
 
 @needs_kernels
@@ -133,19 +130,19 @@ def test_mask_head_gives_the_same_logits_through_onednn_and_xla(monkeypatch):
     x = jnp.asarray(np.random.default_rng(0).normal(size=(6, 7, 7, 8)), jnp.float32)
     variables = fill_variables(jax.eval_shape(head.init, jax.random.PRNGKey(0), x))
     outputs = {}
-    for mode in ('on', 'off'):
-        monkeypatch.setenv('DETECTAX_ONEDNN', mode)
+    for mode in ('onednn', 'xla'):
+        monkeypatch.setenv('DETECTAX_CPU_KERNELS', mode)
         apply = lambda v, x: head.apply(v, x)  # noqa: E731 - traced anew in each mode
-        assert bool(_custom_call_targets(apply, variables, x)) == (mode == 'on')
+        assert bool(_custom_call_targets(apply, variables, x)) == (mode == 'onednn')
         outputs[mode] = jax.jit(apply)(variables, x)
-    assert _rel_err(outputs['on'], outputs['off']) < 1e-5
+    assert _rel_err(outputs['onednn'], outputs['xla']) < 1e-5
 
 
 def test_bad_settings_are_named(monkeypatch):
-    monkeypatch.setenv('DETECTAX_ONEDNN', 'fast')
-    with pytest.raises(ValueError, match="DETECTAX_ONEDNN='fast'"):
+    monkeypatch.setenv('DETECTAX_CPU_KERNELS', 'fast')
+    with pytest.raises(ValueError, match="DETECTAX_CPU_KERNELS='fast'"):
         onednn.enabled(jnp.float32)
-    monkeypatch.setenv('DETECTAX_ONEDNN', 'auto')
+    monkeypatch.setenv('DETECTAX_CPU_KERNELS', 'auto')
     for value in ('0,1', '2', 'all'):
         monkeypatch.setenv('DETECTAX_ONEDNN_THREADS', value)
         with pytest.raises(ValueError, match=f"DETECTAX_ONEDNN_THREADS='{value}'"):
@@ -160,17 +157,21 @@ def test_unavailable_kernels_fall_back_once_with_the_reason_or_fail_when_require
     monkeypatch.setattr(onednn, '_warned', False)
     warnings = []
     monkeypatch.setattr(onednn.logging, 'warning', lambda *a: warnings.append(a[0] % a[1:]))
-    monkeypatch.setenv('DETECTAX_ONEDNN', 'auto')
+    monkeypatch.setenv('DETECTAX_CPU_KERNELS', 'auto')
     assert not onednn.enabled(jnp.float32) and not onednn.enabled(jnp.bfloat16)
     assert len(warnings) == 1 and 'set CXX' in warnings[0]
     assert 'as XLA lowers them' in onednn.describe(jnp.float32)
-    monkeypatch.setenv('DETECTAX_ONEDNN', 'on')
-    with pytest.raises(RuntimeError, match='DETECTAX_ONEDNN=on.*set CXX'):
+    # The conv primitive falls back to the matmul lowering, whose forward pass is XLA's.
+    x, k = jnp.ones((1, 4, 4, 16)), jnp.ones((3, 3, 16, 2))
+    assert 'custom_vjp' in str(jax.make_jaxpr(lambda a, b: kernels.conv(
+        a, b, (1, 1), ((1, 1), (1, 1))))(x, k))
+    monkeypatch.setenv('DETECTAX_CPU_KERNELS', 'onednn')
+    with pytest.raises(RuntimeError, match='DETECTAX_CPU_KERNELS=onednn.*set CXX'):
         onednn.enabled(jnp.float32)
     with pytest.raises(RuntimeError, match='set CXX'):
         onednn.conv(jnp.ones((1, 4, 4, 2)), jnp.ones((1, 1, 2, 2)), (1, 1), ((0, 0), (0, 0)))
-    # On the CPU backend only: 'auto' never asks for the kernels on another backend.
-    monkeypatch.setenv('DETECTAX_ONEDNN', 'auto')
+    # On the CPU backend only: no mode asks for the kernels on another backend.
+    monkeypatch.setenv('DETECTAX_CPU_KERNELS', 'onednn')
     monkeypatch.setattr(onednn.jax, 'default_backend', lambda: 'gpu')
     monkeypatch.setattr(onednn, 'status', lambda: pytest.fail('status() asked off the CPU'))
     assert not onednn.enabled(jnp.float32)
@@ -178,16 +179,16 @@ def test_unavailable_kernels_fall_back_once_with_the_reason_or_fail_when_require
 
 @needs_kernels
 def test_build_names_a_missing_compiler_and_reuses_a_built_library(monkeypatch, tmp_path):
-    monkeypatch.setenv('DETECTAX_NATIVE_CACHE', str(tmp_path))
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path))
     monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
     with pytest.raises(FileNotFoundError, match='no-such-compiler.*set CXX'):
         onednn.build()
     monkeypatch.delenv('CXX')
     path = onednn.build()
-    assert os.path.dirname(path) == str(tmp_path) and os.path.getsize(path) > 0
+    assert os.path.dirname(path) == str(tmp_path / 'detectax') and os.path.getsize(path) > 0
     mtime = os.path.getmtime(path)
     assert onednn.build() == path and os.path.getmtime(path) == mtime
-    assert [p.name for p in tmp_path.iterdir()] == [os.path.basename(path)]  # no leftovers
+    assert [p.name for p in (tmp_path / 'detectax').iterdir()] == [os.path.basename(path)]
 
 
 @needs_kernels
@@ -196,8 +197,8 @@ def test_auto_leaves_several_devices_to_xla_and_on_overrides(monkeypatch):
     warnings = []
     monkeypatch.setattr(onednn.logging, 'warning', lambda *a: warnings.append(a[0] % a[1:]))
     monkeypatch.setattr(onednn.jax, 'device_count', lambda: 2)
-    monkeypatch.setenv('DETECTAX_ONEDNN', 'auto')
+    monkeypatch.setenv('DETECTAX_CPU_KERNELS', 'auto')
     assert not onednn.enabled(jnp.float32)
     assert len(warnings) == 1 and 'no sharding rule' in warnings[0]
-    monkeypatch.setenv('DETECTAX_ONEDNN', 'on')
+    monkeypatch.setenv('DETECTAX_CPU_KERNELS', 'onednn')
     assert onednn.enabled(jnp.float32)

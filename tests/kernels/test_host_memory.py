@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from projects.maskrcnn import host_memory
+from projects.maskrcnn.kernels import host_memory
 from tests import run_utils
 
 # Runs a jitted function with two 25 MB temporaries, freed after each call, and prints
@@ -17,7 +17,7 @@ from tests import run_utils
 # mmap and unmaps them on free, so every call faults their pages in again.
 _PROBE = textwrap.dedent("""
     import json, resource
-    from projects.maskrcnn import host_memory
+    from projects.maskrcnn.kernels import host_memory
     note = host_memory.keep_freed_memory()
     import jax, jax.numpy as jnp
     f = jax.jit(lambda x: jnp.sin(x[:, None] * x[None, :]) @ jnp.cos(x[:, None] * x[None, :]))

@@ -1,1 +1,0 @@
-"""Native CPU kernels, built on first use (see onednn.py)."""
