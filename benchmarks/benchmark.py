@@ -289,7 +289,12 @@ def torchvision_command(python: str, config, height: int, width: int, batch: int
                         autocast: str = 'none') -> list[str]:
     """The torchvision child's command line, serving one step per request (turns.py)."""
     rpn, roi = config.model.rpn, config.model.roi_heads
+    # The learning rate of the config's first step, which Detectax's timed steps run at
+    # (inside the warm-up): at the full rate torchvision's random-weight model diverged
+    # within three steps and its heads then saw 6 RoIs instead of 1024.
+    lr = float(optim.learning_rate_schedule(config.lr_configs)(0))
     return [python, '-m', 'benchmarks.torchvision_child', '--serve', f'--height={height}',
+            f'--lr={lr!r}',
             f'--width={width}', f'--batch={batch}', f'--mode={mode}',
             f'--num_classes={num_classes}', f'--instances={instances}',
             f'--pre_nms_train={rpn.pre_nms_topk_train}',

@@ -104,9 +104,11 @@ def inference_step(args, model, images, device):
 
 
 def train_step(args, model, images, targets, device):
-    """One SGD step on the batch (the losses' sum, momentum 0.9, weight decay 1e-4)."""
+    """One SGD step on the batch (the losses' sum, momentum 0.9, weight decay 1e-4) at
+    `--lr` (default: Detectron2's 0.02 per 16 images)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=0.02 * args.batch / 16, momentum=0.9, weight_decay=1e-4)
+    lr = args.lr if args.lr is not None else 0.02 * args.batch / 16
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
 
     def step(phases=None):
         model.train()
@@ -138,6 +140,8 @@ def main():
     parser.add_argument('--pre_nms_test', type=int, default=1000)
     parser.add_argument('--post_nms_test', type=int, default=1000)
     parser.add_argument('--rois_per_image', type=int, default=512)
+    parser.add_argument('--lr', type=float, default=None,
+                        help='SGD learning rate (benchmark.py passes its config\'s first-step rate)')
     parser.add_argument('--threads', type=int, default=os.cpu_count())
     parser.add_argument('--autocast', choices=('none', 'bfloat16', 'float16'), default='none',
                         help='torch.autocast dtype of the forward pass (none: float32).')
