@@ -42,6 +42,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
                     'write --config=configs/demo_shapes.py:NAME (the demo config) or set '
                     "config.dataset_name = 'coco_format' and config.dataset_configs.name = "
                     "'NAME' in a config file based on configs/base.py.")
+        elif flag.startswith('--config.model.fpn.'):
+            hint = (f' The FPN settings moved to model.neck: write '
+                    f'--config.model.neck.{flag[len("--config.model.fpn."):]}=...')
         sys.exit(f'FATAL Flags parsing error: {flag}: the config has no key {key!r} on '
                  f'this path, so it cannot be set from the command line.{hint}')
 

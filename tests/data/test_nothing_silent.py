@@ -211,6 +211,9 @@ def test_command_line_errors_say_what_to_write(tmp_path):
                        cwd=tmp_path)
     assert code != 0 and '--config.dataset_configs.name' in last
     assert 'configs/demo_shapes.py:NAME' in last
+    code, last = _main(f'--config={demo}', f'--workdir={tmp_path / "w"}',
+                       '--config.model.fpn.channels=32', cwd=tmp_path)
+    assert code != 0 and '--config.model.neck.channels=' in last
     (tmp_path / 'file').write_text('not a folder')
     code, last = _main(f'--config={demo}', f'--workdir={tmp_path / "file"}', cwd=tmp_path)
     assert code != 0 and last.endswith(f'--workdir={tmp_path / "file"} is a file, not a '
