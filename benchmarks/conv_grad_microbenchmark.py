@@ -4,7 +4,8 @@ r"""One convolution layer on the CPU: XLA's lowering against the project's two.
   python -m benchmarks.conv_grad_microbenchmark ... --dtype=bfloat16
 
 Where oneDNN does not run the convolutions, the `kernels.conv` primitive rewrites
-them into matmuls where XLA:CPU runs those faster (kernels/cpu.py): a kernel gradient as one matmul per kernel tap
+them into matmuls where XLA:CPU runs those faster (kernels/cpu.py): a kernel gradient as one matmul
+per kernel tap
 (XLA lowers it to a convolution whose window is the whole feature map, far
 below its matmul rate), a 1x1 convolution as a dot, and in bfloat16 a stride-1
 convolution and its input gradient as float32-accumulated tap dots (which
@@ -84,9 +85,8 @@ def main(argv):
                  ('input grad, oneDNN', in_onednn(input_grad), (x, kernel, dy)),
                  ('kernel grad, oneDNN', dnnl_grad, (x, kernel, dy))]
         print("'Detectax' rows: the project's matmul lowering (DETECTAX_CPU_KERNELS=matmul); "
-              "'oneDNN' rows: "
-              '%d thread(s) for the forward call, %d for each gradient call '
-              '(DETECTAX_ONEDNN_THREADS)' % onednn.threads())
+              "'oneDNN' rows: {} thread(s) for the forward call, {} for each gradient call "
+              '(DETECTAX_ONEDNN_THREADS)'.format(*onednn.threads()))
     else:
         derr = None
         print(f'(no oneDNN rows: {onednn.status().reason or "no " + f.dtype + " kernels"})')

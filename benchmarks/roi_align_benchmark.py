@@ -63,8 +63,9 @@ def main(argv):
     for impl in ('gather', 'matmul'):
         fwd = jax.jit(pool(impl))
         # value_and_grad runs the forward pass too (the gradient alone does not need it).
+        pooled = pool(impl)
         grad = jax.jit(jax.value_and_grad(
-            lambda fs, b, p=pool(impl): jnp.sum(p(fs, b) * cotangent)))
+            lambda fs, b, p=pooled: jnp.sum(p(fs, b) * cotangent)))
         results[impl] = (fwd(feats, boxes), timing.median_seconds(fwd, feats, boxes, reps=f.reps),
                          timing.median_seconds(grad, feats, boxes, reps=f.reps))
     np.testing.assert_allclose(results['matmul'][0], results['gather'][0], rtol=1e-4, atol=1e-4)

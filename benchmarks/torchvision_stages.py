@@ -40,7 +40,7 @@ STAGE_MODULES = {
 def _by_stage(counts: dict[str, dict], root: str) -> dict[str, float]:
     """FlopCounterMode's per-module counts -> FLOPs per stage ('other': the rest)."""
     total = lambda name: float(sum(counts.get(name, {}).values()))  # noqa: E731
-    out = {s: 0.0 for s in STAGES}
+    out = dict.fromkeys(STAGES, 0.0)
     for path, stage in STAGE_MODULES.items():
         out[stage] += total(f'{root}.{path}')
     out['other'] = total('Global') - sum(out.values())

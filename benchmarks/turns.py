@@ -22,7 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable, TextIO
+from typing import TextIO
+from collections.abc import Callable
 
 from benchmarks.memory import minor_page_faults
 
@@ -53,7 +54,7 @@ def serve(steps: dict[str, Callable[[], None]], batch: int, summary: Callable[[]
           outfile: TextIO = sys.stdout) -> None:
     """The child's side: runs one step of the mode asked for per request line."""
     times = {mode: [] for mode in steps}
-    faults = {mode: 0 for mode in steps}
+    faults = dict.fromkeys(steps, 0)
 
     def say(obj) -> None:
         outfile.write(json.dumps(obj) + '\n')

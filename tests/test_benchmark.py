@@ -186,8 +186,8 @@ def test_roi_align_benchmark_times_both_forms_and_says_which_auto_picks():
            '--boxes=5', '--channels=4', '--output_size=3', '--reps=1']
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]   # the command asserts the forms agree
-    rows = dict((m[0], (float(m[1]), float(m[2])))
-                for m in re.findall(r'^(gather|matmul)\s+([0-9.]+)\s+([0-9.]+)$', proc.stdout, re.M))
+    rows = {m[0]: (float(m[1]), float(m[2]))
+                for m in re.findall(r'^(gather|matmul)\s+([0-9.]+)\s+([0-9.]+)$', proc.stdout, re.M)}
     assert set(rows) == {'gather', 'matmul'} and all(min(v) > 0 for v in rows.values()), proc.stdout
     assert re.search(r'auto picks (gather|matmul)$', proc.stdout, re.M), proc.stdout
 

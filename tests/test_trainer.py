@@ -44,7 +44,7 @@ def test_trains_evaluates_and_resumes(data_dir, tmp_path):
     workdir = str(tmp_path / 'run')
     state, metrics = _run(_tiny_config(data_dir), workdir)
     assert int(state.step) == 4
-    assert set(k for k in metrics) >= {t.split('/')[1] for t in AP_TAGS}
+    assert set(metrics) >= {t.split('/')[1] for t in AP_TAGS}
     scalars = run_utils.scalars(workdir)
     for tag in AP_TAGS + ['train/total_loss', 'train/loss_mask', 'train/learning_rate',
                           'train/images_per_sec', 'valid/total_loss', 'valid/loss_mask',

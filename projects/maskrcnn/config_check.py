@@ -24,7 +24,7 @@ INIT_FROM_KEYS = {'checkpoint_path'}
 
 
 def _check_keys(section: ml_collections.ConfigDict, allowed: set[str], prefix: str) -> None:
-    for key in section.keys():
+    for key in section:
         if key not in allowed:
             raise KeyError(f'unknown config key {prefix}{key}; known keys: '
                            f'{", ".join(sorted(allowed))}')

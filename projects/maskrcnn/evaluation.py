@@ -11,7 +11,8 @@ import copy
 import io
 import json
 import os
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from absl import logging
 import numpy as np
@@ -251,9 +252,9 @@ class CocoEvaluator:
         """Runs COCOeval on the images added since the last `reset`.
 
         The mask metrics are left out when batches were added without
-        `detection_masks` (they are there, as zeros, when none was added). COCOeval reports -1 for a size range without ground
-        truth; that is reported as 0.0 (NaN or -1 would spoil TensorBoard
-        curves) and logged.
+        `detection_masks` (they are there, as zeros, when none was added).
+        COCOeval reports -1 for a size range without ground truth; that is
+        reported as 0.0 (NaN or -1 would spoil TensorBoard curves) and logged.
 
         Also sets `per_category`: {'box': {category_id: AP}, 'mask': ...}
         (see `per_category_ap`; NaN for a category without ground truth).

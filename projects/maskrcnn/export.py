@@ -20,7 +20,8 @@ The output directory holds `model.jax` (the serialised program, without weights)
 import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from absl import app, flags, logging
 import jax

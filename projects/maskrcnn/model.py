@@ -1,7 +1,8 @@
 """MaskRCNNModel: the Scenic model class (Flax module, losses, metrics)."""
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import ml_collections
@@ -28,7 +29,7 @@ def default_model_config() -> ml_collections.ConfigDict:
     # reaches the error that names the new key instead of failing on a missing attribute.
     cfg.update({old: {} for old in MOVED_KEYS})
     cfg.update({name: dataclasses.asdict(cls()) for name, cls in specs.SPECS.items()})
-    cfg['loss_weights'] = {name: 1.0 for name in losses.LOSS_TERMS}
+    cfg['loss_weights'] = dict.fromkeys(losses.LOSS_TERMS, 1.0)
     cfg['rpn_smooth_l1_beta'] = 0.0
     cfg['roi_smooth_l1_beta'] = 0.0
     cfg['rpn_loss_normalizer'] = 'batch_size_per_image'   # torchvision: 'sampled'

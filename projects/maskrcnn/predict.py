@@ -6,7 +6,8 @@
 
 Images of any size are resized as in evaluation (shortest side `eval_min_size`,
 longest at most `max_size`, the size made whole by `dataset_configs.resize_rounding`:
-'floor' for torchvision's weights, 'round' for Detectron2's), padded into the smallest static size that holds them
+'floor' for torchvision's weights, 'round' for Detectron2's), padded into the smallest
+static size that holds them
 (`--image_sizes`, default the config's `dataset_configs.image_size`; one compiled
 program per size) and batched by `eval_batch_size`. The output directory gets:
 
@@ -34,7 +35,8 @@ COCO heads), else they are 'class 1'..'class K' with ids 1..K.
 import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from absl import app, flags, logging
 import jax

@@ -23,7 +23,7 @@ models), zero padding bottom/right.
 
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np

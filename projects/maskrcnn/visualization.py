@@ -5,7 +5,8 @@ per-class colours, "name score" captions); this module only converts the model's
 arrays (CONVENTIONS.md: xyxy boxes, labels 1..K, box-relative masks) to its inputs.
 """
 
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 import imgviz
 import numpy as np

@@ -151,10 +151,9 @@ def test_command_stops_at_a_bad_image_unless_told_to_skip(tmp_path, capsys):
         flags.FLAGS.mark_as_parsed()
     args = dict(annotations=json_path, images=root, name='with_bad',
                 data_dir=str(tmp_path / 'tfds'))
-    with flagsaver.flagsaver(**args):
-        with pytest.raises(validation.BadImageError,
-                           match=r'missing_image: .*JPEGImages/img_001\.jpg'):
-            build_dataset.main(['build_dataset'])
+    with flagsaver.flagsaver(**args), pytest.raises(validation.BadImageError,
+                       match=r'missing_image: .*JPEGImages/img_001\.jpg'):
+        build_dataset.main(['build_dataset'])
     with flagsaver.flagsaver(skip_bad_images=True, **args):
         build_dataset.main(['build_dataset'])
     out = capsys.readouterr().out

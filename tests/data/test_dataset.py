@@ -100,4 +100,4 @@ def test_large_scale_jitter_and_bgr_from_dataset_configs(data_dir):
     assert (batch['image_size'] == 48).all()
     assert (batch['image_scale'] >= 1.5 - 1e-6).all() and batch['gt_has_mask'].dtype == bool
     # Unscaled BGR pixels minus the MSRA mean stay within -124..152.
-    assert -124 <= batch['image'].min() and batch['image'].max() <= 152
+    assert batch['image'].min() >= -124 and batch['image'].max() <= 152

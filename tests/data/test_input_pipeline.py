@@ -75,7 +75,7 @@ def test_train_and_eval_batches_follow_conventions(shapes_builder):
     assert _spec(batch) == _expected_spec(3)
     assert (batch['batch_mask'] == 1).all() and batch['gt_valid'].any()
     assert ((batch['gt_classes'] > 0) == batch['gt_valid']).all()
-    assert 0 <= batch['gt_masks'].min() and batch['gt_masks'].max() <= 1
+    assert batch['gt_masks'].min() >= 0 and batch['gt_masks'].max() <= 1
     evals = list(tfds.as_numpy(ip.build_eval_dataset(
         shapes_builder, split='val', batch_size=2, eval_min_size=64, **COMMON)))
     assert all(_spec(b) == _expected_spec(2) for b in evals)

@@ -13,8 +13,8 @@ from tests import run_utils
 # Runs a jitted function with two 25 MB temporaries, freed after each call, and prints
 # the fewest minor page faults per call over eight rounds (the heap grows for a round or
 # two before it holds a step's buffers, longer when the machine is busy: four rounds once
-# saw 2,400 faults a call in CI while another test ran beside it). By default glibc maps blocks that large with
-# mmap and unmaps them on free, so every call faults their pages in again.
+# saw 2,400 faults a call in CI while another test ran beside it). By default glibc maps
+# blocks that large with mmap and unmaps them on free, so every call faults their pages in again.
 _PROBE = textwrap.dedent("""
     import json, resource
     from projects.maskrcnn.kernels import host_memory

@@ -257,8 +257,8 @@ def test_tiny_maskrcnn_inference_outputs():
     for i, (h, w) in enumerate(np.asarray(SIZES)):
         boxes, ok = det['detection_boxes'][i], valid[i]
         x0, y0, x1, y1 = boxes[ok].T
-        assert np.all((0 <= x0) & (x0 < x1) & (x1 <= w)), boxes[ok]
-        assert np.all((0 <= y0) & (y0 < y1) & (y1 <= h)), boxes[ok]
+        assert np.all((x0 >= 0) & (x0 < x1) & (x1 <= w)), boxes[ok]
+        assert np.all((y0 >= 0) & (y0 < y1) & (y1 <= h)), boxes[ok]
         classes, scores = det['detection_classes'][i], det['detection_scores'][i]
         assert np.all((classes[ok] >= 1) & (classes[ok] <= K))
         assert np.all(classes[~ok] == 0) and np.all(scores[~ok] == 0)

@@ -40,7 +40,7 @@ def test_rules_follow_the_layer_kinds():
                   & (w['backbone.body.layer1.0.bn1.weight'] <= 1.0))
     # The norm that ends a bottleneck's residual branch is kept small.
     assert np.all(w['backbone.body.layer1.0.bn3.weight'] <= 0.3)
-    assert np.all((w['backbone.body.layer1.0.bn1.running_var'] >= 0.5))
+    assert np.all(w['backbone.body.layer1.0.bn1.running_var'] >= 0.5)
     fc6 = w['roi_heads.box_head.fc6.weight']
     assert fc6.std() == pytest.approx(np.sqrt(2 / 12544), rel=0.01)
     deconv = w['roi_heads.mask_predictor.conv5_mask.weight']

@@ -13,7 +13,7 @@ with a build report (printed, and kept as build_report.json); a config then name
 An unusable image stops the build with its file name unless --skip_bad_images is given.
 """
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from absl import app
 from absl import flags

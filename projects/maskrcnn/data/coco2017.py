@@ -14,7 +14,7 @@ id order. The result lives in `data_dir/coco2017/<version>` and configs refer to
 
 import os
 import urllib.request
-from typing import Any, Optional
+from typing import Any
 
 from absl import logging
 import tensorflow as tf
@@ -88,7 +88,7 @@ class Coco2017(coco_builder._CocoFormatBuilder, skip_registration=True):
     name = NAME
     MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
 
-    def __init__(self, *, manual_dir: Optional[str] = None, allow_download: bool = False,
+    def __init__(self, *, manual_dir: str | None = None, allow_download: bool = False,
                  **kwargs):
         self._coco_dir = manual_dir
         self._allow_download = allow_download
@@ -111,7 +111,7 @@ class Coco2017(coco_builder._CocoFormatBuilder, skip_registration=True):
         return split_files(manual_dir)
 
 
-def build_coco2017(data_dir: str, manual_dir: Optional[str] = None,
+def build_coco2017(data_dir: str, manual_dir: str | None = None,
                    allow_download: bool = False, skip_bad_images: bool = False
                    ) -> tfds.core.DatasetBuilder:
     """Prepares COCO 2017 in `data_dir/coco2017/<version>` unless it is there; returns it.

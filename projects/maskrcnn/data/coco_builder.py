@@ -38,7 +38,8 @@ annotations are kept.
 import io
 import json
 import os
-from typing import Any, Iterator, Optional
+from typing import Any
+from collections.abc import Iterator
 
 from absl import logging
 import numpy as np
@@ -62,7 +63,7 @@ def _encode_png(mask: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _json_size(image_info: dict[str, Any]) -> Optional[tuple[int, int]]:
+def _json_size(image_info: dict[str, Any]) -> tuple[int, int] | None:
     size = (image_info.get('height'), image_info.get('width'))
     if all(isinstance(s, (int, float)) and s > 0 and s == int(s) for s in size):
         return int(size[0]), int(size[1])
@@ -136,7 +137,7 @@ class _CocoFormatBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
 
     VERSION = tfds.core.Version(VERSION)
 
-    def __init__(self, *, splits: Optional[dict[str, tuple[str, str]]],
+    def __init__(self, *, splits: dict[str, tuple[str, str]] | None,
                  skip_bad_images: bool = False, **kwargs):
         """`splits`: split -> (annotation JSON, image folder); None lets a subclass find
         them in `_split_files` (COCO 2017)."""
@@ -331,7 +332,7 @@ def prepared_versions(name: str, data_dir: str) -> list[str]:
 
 
 def load_coco_format_dataset(name: str, data_dir: str,
-                             version: Optional[str] = None) -> tfds.core.DatasetBuilder:
+                             version: str | None = None) -> tfds.core.DatasetBuilder:
     """Opens a prepared dataset (no annotation files needed); the newest version if None."""
     versions = [version] if version else prepared_versions(name, data_dir)[-1:]
     if not versions or not tf.io.gfile.exists(
@@ -369,7 +370,7 @@ def build_report(builder: tfds.core.DatasetBuilder) -> dict[str, validation.Spli
         return {s: validation.SplitReport.from_dict(r) for s, r in json.load(f).items()}
 
 
-def eval_annotations_file(builder: tfds.core.DatasetBuilder, split: str) -> Optional[str]:
+def eval_annotations_file(builder: tfds.core.DatasetBuilder, split: str) -> str | None:
     """The evaluation JSON of `split` stored with the dataset, or None if there is none."""
     path = os.path.join(str(builder.data_dir), 'annotations', f'{split}.json')
     return path if tf.io.gfile.exists(path) else None

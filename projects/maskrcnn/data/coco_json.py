@@ -13,7 +13,7 @@ as false positives on another); annotations that name an unknown image or catego
 import dataclasses
 import json
 import os
-from typing import Any, Optional
+from typing import Any
 
 from projects.maskrcnn.data import files
 from projects.maskrcnn.data import validation
@@ -129,7 +129,7 @@ def _per_image(annotations: list[dict[str, Any]], image_ids: set[int],
 
 
 def read_coco_annotations(json_path: str, split: str = '',
-                          coco: Optional[dict[str, Any]] = None) -> CocoAnnotations:
+                          coco: dict[str, Any] | None = None) -> CocoAnnotations:
     """Reads a COCO instances JSON file (a path or 'archive.zip/member').
 
     Args:

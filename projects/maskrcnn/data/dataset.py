@@ -48,7 +48,8 @@ coco_format only:
 import dataclasses
 import os
 import shutil
-from typing import Any, Callable, Optional
+from typing import Any
+from collections.abc import Callable
 
 from absl import logging
 import tensorflow as tf
@@ -68,9 +69,9 @@ class Dataset:
     valid_iter: Any
     test_iter: Any
     meta_data: dict[str, Any]
-    train_ds: Optional[tf.data.Dataset] = None
-    valid_ds: Optional[tf.data.Dataset] = None
-    test_ds: Optional[tf.data.Dataset] = None
+    train_ds: tf.data.Dataset | None = None
+    valid_ds: tf.data.Dataset | None = None
+    test_ds: tf.data.Dataset | None = None
 
 
 _COMMON_DEFAULTS = {
@@ -163,7 +164,7 @@ def _read_configs(dataset_name: str, dataset_configs: Any) -> dict[str, Any]:
     return cfg
 
 
-def _build_dataset(builder: Any, val_annotations_file: Optional[str], cfg: dict[str, Any], *,
+def _build_dataset(builder: Any, val_annotations_file: str | None, cfg: dict[str, Any], *,
                    batch_size: int, eval_batch_size: int, num_shards: int, dtype_str: str,
                    shuffle_seed: int) -> Any:
     """Train and eval pipelines plus meta_data for a prepared coco_builder dataset."""
@@ -253,7 +254,7 @@ def _warn_truncation(builder: Any, max_instances: int) -> None:
                 max_instances, max(report.instances_per_image), instances, effect)
 
 
-def _check_unsupported(dataset_service_address: Optional[str]) -> None:
+def _check_unsupported(dataset_service_address: str | None) -> None:
     if dataset_service_address is not None:
         raise NotImplementedError('tf.data service is not supported by Detectax datasets.')
 
@@ -281,7 +282,7 @@ def _shapes_raw_files(cfg: dict[str, Any]) -> tuple[str, dict[str, tuple[str, st
 def get_shapes_dataset(*, batch_size: int, eval_batch_size: int, num_shards: int,
                        dtype_str: str = 'float32', shuffle_seed: int = 0, rng: Any = None,
                        dataset_configs: Any = None,
-                       dataset_service_address: Optional[str] = None) -> Any:
+                       dataset_service_address: str | None = None) -> Any:
     """The procedural shapes dataset (see the module docstring for dataset_configs)."""
     del rng  # randomness comes from shuffle_seed
     _check_unsupported(dataset_service_address)
@@ -296,7 +297,7 @@ def get_shapes_dataset(*, batch_size: int, eval_batch_size: int, num_shards: int
 def get_coco_format_dataset(*, batch_size: int, eval_batch_size: int, num_shards: int,
                             dtype_str: str = 'float32', shuffle_seed: int = 0,
                             rng: Any = None, dataset_configs: Any = None,
-                            dataset_service_address: Optional[str] = None) -> Any:
+                            dataset_service_address: str | None = None) -> Any:
     """Any COCO-format dataset with 'train' and 'val' splits, e.g. COCO 2017."""
     del rng  # randomness comes from shuffle_seed
     _check_unsupported(dataset_service_address)
@@ -329,7 +330,7 @@ def get_dataset_builder(name: str) -> Callable[..., Any]:
 def get_dataset(dataset_name: str, *, batch_size: int, eval_batch_size: int,
                 num_shards: int, dtype_str: str = 'float32', shuffle_seed: int = 0,
                 rng: Any = None, dataset_configs: Any = None,
-                dataset_service_address: Optional[str] = None) -> Any:
+                dataset_service_address: str | None = None) -> Any:
     """Builds dataset `dataset_name` (see `DATASETS`) with Scenic's arguments."""
     return get_dataset_builder(dataset_name)(
         batch_size=batch_size, eval_batch_size=eval_batch_size, num_shards=num_shards,

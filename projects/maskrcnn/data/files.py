@@ -6,14 +6,13 @@ through `tf.io.gfile`, so cloud storage works too.
 """
 
 import zipfile
-from typing import Optional
 
 import tensorflow as tf
 
 _open_zips: dict[str, zipfile.ZipFile] = {}
 
 
-def _zip_member(path: str) -> Optional[tuple[str, str]]:
+def _zip_member(path: str) -> tuple[str, str] | None:
     """('x.zip', 'a/b') for 'x.zip/a/b' (or ('x.zip', '') for 'x.zip'); None otherwise."""
     marker = path.find('.zip/')
     if marker >= 0:

@@ -12,7 +12,7 @@ checkpointed.
 """
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import tensorflow as tf
 import tensorflow_datasets as tfds

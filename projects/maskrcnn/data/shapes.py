@@ -25,7 +25,7 @@ import multiprocessing
 import multiprocessing.pool
 import os
 import zlib
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -247,7 +247,7 @@ def _annotation(ann_id: int, image_id: int, category_id: int, rle: dict) -> dict
     }
 
 
-def _write_split(pool: Optional[multiprocessing.pool.Pool], tasks: list[tuple],
+def _write_split(pool: multiprocessing.pool.Pool | None, tasks: list[tuple],
                  split: str, out_dir: str, image_size: int) -> tuple[str, str]:
     """Renders `tasks` (see `_render_and_write`) and writes the split's COCO JSON."""
     results = pool.imap(_render_and_write, tasks, chunksize=16) if pool else map(

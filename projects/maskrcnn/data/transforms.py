@@ -22,13 +22,14 @@ Instances without a mask (box-only annotations, `has_mask` False in the dataset)
 `gt_has_mask` False and an all-ones crop (their box); the mask loss should skip them.
 """
 
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any
+from collections.abc import Callable, Sequence
 
 import tensorflow as tf
 
 Example = dict[str, Any]
-BoolLike = Union[bool, tf.Tensor]
-FloatLike = Union[float, tf.Tensor]
+BoolLike = bool | tf.Tensor
+FloatLike = float | tf.Tensor
 
 
 def _decode_image(image: tf.Tensor) -> tf.Tensor:
@@ -164,7 +165,7 @@ def _normalise_and_resize(image: tf.Tensor, size: tf.Tensor, pixel_mean: Sequenc
 
 
 # geometry(h, w) -> (scale, crop offset (y0, x0) into the resized image or None for none).
-Geometry = Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, Optional[tf.Tensor]]]
+Geometry = Callable[[tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor | None]]
 RESIZE_ROUNDINGS = ('floor', 'round')
 
 

@@ -15,7 +15,7 @@ dropped annotations.
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -147,7 +147,7 @@ class SplitReport:
         return '\n'.join(lines)
 
 
-def check_image(data: bytes, path: str, json_size: Optional[tuple[int, int]]
+def check_image(data: bytes, path: str, json_size: tuple[int, int] | None
                 ) -> image_io.StoredImage:
     """Decodes an image fully (by image_io's rules) to prove it is usable.
 
@@ -196,7 +196,7 @@ class Instance:
     box_xyxy: np.ndarray
     is_crowd: bool
     area: float
-    mask: Optional[np.ndarray]  # uint8 [height, width] 0/1
+    mask: np.ndarray | None  # uint8 [height, width] 0/1
     repairs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -207,7 +207,7 @@ def _finite_numbers(values: Any) -> bool:
 
 
 def _check_box(ann: dict[str, Any], height: int, width: int, report: SplitReport,
-               repairs: dict[str, Any]) -> Optional[np.ndarray]:
+               repairs: dict[str, Any]) -> np.ndarray | None:
     """Clipped xyxy box, or None (counted) when the box is unusable."""
     bbox = ann.get('bbox')
     if not _finite_numbers(bbox) or len(bbox) != 4:
@@ -230,7 +230,7 @@ def _check_box(ann: dict[str, Any], height: int, width: int, report: SplitReport
 
 
 def _decode_polygons(ann: dict[str, Any], polygons: list[Any], height: int, width: int,
-                     report: SplitReport, repairs: dict[str, Any]) -> Optional[np.ndarray]:
+                     report: SplitReport, repairs: dict[str, Any]) -> np.ndarray | None:
     if polygons and not isinstance(polygons[0], (list, tuple)):
         polygons = [polygons]  # a single polygon written without the outer list
         repairs['segmentation'] = polygons
@@ -246,7 +246,7 @@ def _decode_polygons(ann: dict[str, Any], polygons: list[Any], height: int, widt
         mask_utils.frPyObjects([[float(v) for v in p] for p in good], height, width)))
 
 
-def _decode_rle(rle: dict[str, Any], height: int, width: int) -> Optional[np.ndarray]:
+def _decode_rle(rle: dict[str, Any], height: int, width: int) -> np.ndarray | None:
     """Binary mask of an RLE dict, or None when it is malformed or of another size."""
     size, counts = rle.get('size'), rle.get('counts')
     if not _finite_numbers(size) or [int(s) for s in size] != [height, width]:
@@ -268,7 +268,7 @@ def _decode_rle(rle: dict[str, Any], height: int, width: int) -> Optional[np.nda
 
 
 def decode_segmentation(ann: dict[str, Any], height: int, width: int, report: SplitReport,
-                        repairs: dict[str, Any]) -> tuple[bool, Optional[np.ndarray]]:
+                        repairs: dict[str, Any]) -> tuple[bool, np.ndarray | None]:
     """(usable, mask): usable False drops the annotation; mask None means box only."""
     seg = ann.get('segmentation')
     if seg is None or (isinstance(seg, (list, dict)) and not seg):
@@ -292,7 +292,7 @@ def decode_segmentation(ann: dict[str, Any], height: int, width: int, report: Sp
     return True, mask
 
 
-def _iscrowd(ann: dict[str, Any], report: SplitReport) -> Optional[bool]:
+def _iscrowd(ann: dict[str, Any], report: SplitReport) -> bool | None:
     """The annotation's crowd flag, or None (counted) unless it is 0, 1, true or false."""
     value = ann.get('iscrowd', 0)
     # A string such as "false" would be truthy; pycocotools would read it as a crowd.
@@ -314,7 +314,7 @@ def _box_disagrees(box: np.ndarray, mask: np.ndarray) -> bool:
 
 
 def check_annotation(ann: dict[str, Any], height: int, width: int,
-                     report: SplitReport) -> Optional[Instance]:
+                     report: SplitReport) -> Instance | None:
     """The annotation as an `Instance`, or None (counted in `report`) if it is dropped.
 
     Args:

@@ -136,8 +136,9 @@ def status() -> Status:
 def describe(dtype) -> str:
     """Which convolutions a model in `dtype` gets, for benchmark tables."""
     if enabled(dtype):
-        return ('convolutions through oneDNN %s (%d thread(s) per forward call, %d per gradient '
-                'call)' % (status().version, *threads()))
+        forward, gradient = threads()
+        return (f'convolutions through oneDNN {status().version} ({forward} thread(s) per forward '
+                f'call, {gradient} per gradient call)')
     return (f'convolutions as XLA lowers them '
             f'({switches.CPU_KERNELS_ENV}={switches.cpu_kernels()})')
 

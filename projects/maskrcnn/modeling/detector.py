@@ -252,7 +252,8 @@ class MaskRCNN(registry.Parts):
             self._pool(features, strides, fg_boxes, r.mask_resolution), train=True)
         mask_size = mask_logits.shape[2]
         mask_targets = jax.vmap(lambda m, gb, mi, rb: target_ops.mask_targets(
-            m, gb, mi, rb, mask_size, self.mask_head.targets))(gt['gt_masks'], gt['gt_boxes'], fg_matched, fg_boxes)
+            m, gb, mi, rb, mask_size, self.mask_head.targets))(
+                gt['gt_masks'], gt['gt_boxes'], fg_matched, fg_boxes)
         if 'gt_has_mask' in gt:  # box-only annotations give no mask target
             fg_valid = fg_valid & jnp.take_along_axis(gt['gt_has_mask'], fg_matched, axis=1)
         return {

@@ -9,7 +9,7 @@ the first ratio, then of the next; torchvision's AnchorGenerator). With one
 size per level the two orders are the same.
 """
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

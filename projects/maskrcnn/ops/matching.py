@@ -7,7 +7,7 @@ variable-length list.
 
 import enum
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

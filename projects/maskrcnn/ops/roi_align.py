@@ -30,7 +30,7 @@ whose count is at most the cap, and uses `adaptive_cap` evenly spaced samples
 (instead of more) for boxes beyond it.
 """
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

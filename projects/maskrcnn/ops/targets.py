@@ -4,7 +4,7 @@ Pure functions of padded arrays; the detector vmaps them over the batch.
 Follows Detectron2's RPN and StandardROIHeads target assignment.
 """
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

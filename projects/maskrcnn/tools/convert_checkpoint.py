@@ -6,7 +6,8 @@
       model_final_f10217.pkl /tmp/d2_maskrcnn_r50_1x
 
 then `python -m projects.maskrcnn.predict --checkpoint=/tmp/tv_maskrcnn ...` or
-`--config.init_from.checkpoint_path=/tmp/tv_maskrcnn` with the matching config (configs/maskrcnn_r50_fpn_torchvision_coco.py, configs/maskrcnn_*_detectron2_coco.py).
+`--config.init_from.checkpoint_path=/tmp/tv_maskrcnn` with the matching config
+(configs/maskrcnn_r50_fpn_torchvision_coco.py, configs/maskrcnn_*_detectron2_coco.py).
 Backbone-only files (torchvision's `resnet50` ImageNet weights, Detectron2's
 `R-50.pkl`) convert the same way and initialise only the backbone.
 
@@ -44,7 +45,8 @@ import math
 import os
 import pickle
 import sys
-from typing import Any, Mapping, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 

@@ -29,7 +29,7 @@ use names like `res2_0_branch2a_w`, renamed first by `c2_to_detectron2`.
 
 import dataclasses
 import re
-from typing import Callable
+from collections.abc import Callable
 
 NORM_LEAVES = {'weight': 'scale', 'bias': 'bias', 'running_mean': 'mean', 'running_var': 'var'}
 

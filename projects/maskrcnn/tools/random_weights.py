@@ -21,7 +21,7 @@ spread out (distinct proposals, scores and masks):
 """
 
 import zlib
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 

@@ -25,7 +25,8 @@ import io
 import os
 import pickle
 import zipfile
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
