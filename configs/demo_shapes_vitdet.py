@@ -12,20 +12,25 @@ LayerNorm; AdamW with ViTDet's weight-decay exemptions, no layer-wise decay (not
 pretrained).
 """
 
+import dataclasses
+
 import ml_collections
 
 from configs import demo_shapes
 from projects.maskrcnn import optim_rules
+from projects.maskrcnn.modeling.backbones import vit
+from projects.maskrcnn.modeling.necks import simple_fpn
 
 
 def get_config():
     config = demo_shapes.get_config()
     config.experiment_name = 'demo_shapes_vitdet'
     m = config.model
-    m.backbone = ml_collections.ConfigDict({
-        'name': 'vit', 'width': 128, 'depth': 6, 'num_heads': 4, 'global_blocks': (2, 5),
-        'window_size': 4, 'image_size': 128, 'pretrain_grid': 8, 'drop_path_rate': 0.0})
-    m.neck = ml_collections.ConfigDict({'name': 'simple_fpn', 'channels': 64})
+    spec = vit.ViTSpec(width=128, depth=6, num_heads=4, global_blocks=(2, 5), window_size=4,
+                       image_size=128, pretrain_grid=8, drop_path_rate=0.0)
+    m.backbone = ml_collections.ConfigDict({'name': 'vit', 'size': spec.size, **spec.resolved()})
+    m.neck = ml_collections.ConfigDict(
+        {'name': 'simple_fpn', **dataclasses.asdict(simple_fpn.SimpleFPNSpec(channels=64))})
     m.rpn.num_convs = 2
     m.box_head.num_convs = 4
     m.box_head.conv_dim = 64

@@ -17,10 +17,14 @@ decay 0.1 except the ViT blocks' LayerNorms and pos_embed, layer-wise lr decay 0
 Data and the evaluation difference as in maskrcnn_r50_fpn_lsj_100ep_coco.py.
 """
 
+import dataclasses
+
 import ml_collections
 
 from configs import maskrcnn_r50_fpn_lsj_100ep_coco
 from projects.maskrcnn import optim_rules
+from projects.maskrcnn.modeling.backbones import vit
+from projects.maskrcnn.modeling.necks import simple_fpn
 
 
 def get_config(size: str = 'B'):
@@ -33,8 +37,12 @@ def get_config(size: str = 'B'):
     d.pixel_std = (58.395, 57.12, 57.375)
 
     m = config.model
-    m.backbone = ml_collections.ConfigDict({'name': 'vit', 'size': size})  # VIT_SIZES row
-    m.neck = ml_collections.ConfigDict({'name': 'simple_fpn', 'channels': 256})
+    # Every ViTSpec key, the `size` row of VIT_SIZES filled in, so that the command line
+    # can set any of them (e.g. --config.model.backbone.remat=True).
+    m.backbone = ml_collections.ConfigDict(
+        {'name': 'vit', 'size': size, **vit.ViTSpec(size=size).resolved()})
+    m.neck = ml_collections.ConfigDict(
+        {'name': 'simple_fpn', **dataclasses.asdict(simple_fpn.SimpleFPNSpec(channels=256))})
     m.box_head.norm = 'ln'
     m.mask_head.norm = 'ln'
 

@@ -129,4 +129,4 @@ def test_recipe(size):
     assert d.channel_order == 'RGB' and tuple(d.pixel_std) == (58.395, 57.12, 57.375)
     assert (m.rpn.num_convs, m.box_head.num_convs, m.box_head.num_fc, m.box_head.norm,
             m.mask_head.num_convs, m.mask_head.norm) == (2, 4, 1, 'ln', 4, 'ln')
-    assert m.backbone.get('drop_path_rate') is None   # the size table's 0.1 / 0.4 / 0.5
+    assert m.backbone.drop_path_rate == {'B': 0.1, 'L': 0.4, 'H': 0.5}[size]
