@@ -17,9 +17,9 @@ way; a GPU's figure comes from running the same command there.
 import functools
 import time
 
-from absl import app, flags
 import jax
 import jax.numpy as jnp
+from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import benchmark

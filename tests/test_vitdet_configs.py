@@ -35,19 +35,19 @@ def detectron2_param_count(size: str) -> dict[str, int]:
     rel_pos = 2 * (c // heads) * ((depth - n_global) * (2 * 14 - 1) + n_global * (2 * 64 - 1))
     trunk = _conv(3, c, 16) + (1 + 14 * 14) * c + depth * block + rel_pos
     ln, f = 2 * 256, 256
-    out = lambda cin: _conv(cin, f, 1, False) + ln + _conv(f, f, 3, False) + ln  # noqa: E731
+    out = lambda cin: _conv(cin, f, 1, False) + ln + _conv(f, f, 3, False) + ln
     simfp = (_conv(c, c // 2, 2) + c + _conv(c // 2, c // 4, 2) + out(c // 4)   # P2
              + _conv(c, c // 2, 2) + out(c // 2)                                # P3
              + out(c) + out(c))                                                 # P4, P5
     rpn = 2 * _conv(f, f, 3) + _conv(f, 3, 1) + _conv(f, 12, 1)
     box = 4 * (_conv(f, f, 3, False) + ln) + f * 7 * 7 * 1024 + 1024
-    predictor = 1024 * (NUM_CLASSES + 1) + NUM_CLASSES + 1 + 1024 * 4 * NUM_CLASSES + 4 * NUM_CLASSES
+    predictor = (1024 + 1) * (NUM_CLASSES + 1) + (1024 + 1) * 4 * NUM_CLASSES
     mask = 4 * (_conv(f, f, 3, False) + ln) + _conv(f, f, 2) + _conv(f, NUM_CLASSES, 1)
     return {'body': trunk, 'neck': simfp, 'rpn_head': rpn,
             'box_predictor': box + predictor, 'mask_predictor': mask}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _config_and_params(size):
     config = importlib.import_module(f'configs.{CONFIGS[size]}').get_config()
     model = MaskRCNNModel(config, {'num_classes': NUM_CLASSES}).flax_model
