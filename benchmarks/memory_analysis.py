@@ -23,9 +23,11 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import benchmark
+from projects.maskrcnn import model as model_lib
 from projects.maskrcnn import optim
 from projects.maskrcnn import steps as step_lib
 from projects.maskrcnn.model import MaskRCNNModel
+from projects.maskrcnn.modeling import registry
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file.',
                                           lock_config=False)
@@ -33,6 +35,9 @@ _HEIGHT = flags.DEFINE_integer('height', 1024, 'Image height (padded batch size)
 _WIDTH = flags.DEFINE_integer('width', 1024, 'Image width (padded batch size).')
 _BATCH = flags.DEFINE_integer('batch', 1, 'Images per step.')
 _NUM_CLASSES = flags.DEFINE_integer('num_classes', 80, 'Foreground classes.')
+_BACKBONE_ONLY = flags.DEFINE_bool('backbone_only', False,
+                                   "Compile only the backbone's forward and backward (the "
+                                   'gradient of the sum of squares of its maps).')
 
 GB = 1e9
 
@@ -62,6 +67,23 @@ def abstract_step(config, batch: int, height: int, width: int, num_classes: int)
     return step, state, abstract_batch
 
 
+def abstract_backbone_step(config, batch: int, height: int, width: int):
+    """(the jitted backbone gradient, abstract parameters, abstract images)."""
+    group = config.model.backbone.to_dict()
+    spec = registry.spec_from_config('backbone', group)
+    dtype = model_lib.DTYPES[config.get('dtype', 'float32')]
+    backbone = registry.component_of('backbone', spec).build(spec, dtype)
+    images = jax.ShapeDtypeStruct((batch, height, width, 3), jnp.float32)
+    params = jax.eval_shape(lambda: backbone.init(jax.random.PRNGKey(0),
+                                                  jnp.zeros((1, 64, 64, 3))))
+
+    def loss(variables, x):
+        maps = backbone.apply(variables, x, train=True, rngs={'sampling': jax.random.PRNGKey(0)})
+        return sum(jnp.sum(m.astype(jnp.float32) ** 2) for m in maps.values())
+
+    return jax.jit(jax.grad(loss)), params, images
+
+
 def report(memory) -> dict[str, float]:
     """The figures of a `CompiledMemoryStats`, in GB."""
     fields = {'arguments': 'argument_size_in_bytes', 'temporaries': 'temp_size_in_bytes',
@@ -75,13 +97,18 @@ def report(memory) -> dict[str, float]:
 def main(argv):
     del argv
     config = _CONFIG.value
-    step, state, batch = abstract_step(config, _BATCH.value, _HEIGHT.value, _WIDTH.value,
-                                       _NUM_CLASSES.value)
+    if _BACKBONE_ONLY.value:
+        step, state, batch = abstract_backbone_step(config, _BATCH.value, _HEIGHT.value,
+                                                    _WIDTH.value)
+    else:
+        step, state, batch = abstract_step(config, _BATCH.value, _HEIGHT.value, _WIDTH.value,
+                                           _NUM_CLASSES.value)
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     seconds = time.perf_counter() - start
     backbone = config.model.backbone
-    print(f'{config.experiment_name}: {_BATCH.value} x {_HEIGHT.value}x{_WIDTH.value}, '
+    what = 'backbone forward and backward' if _BACKBONE_ONLY.value else 'training step'
+    print(f'{config.experiment_name} {what}: {_BATCH.value} x {_HEIGHT.value}x{_WIDTH.value}, '
           f'dtype {config.get("dtype", "float32")}, remat {backbone.get("remat", False)}, '
           f'{jax.devices()[0].device_kind}; compiled in {seconds:.0f} s')
     print(compiled.memory_analysis())
