@@ -12,6 +12,7 @@ import pytest
 
 from projects.maskrcnn import config_check, trainer
 from projects.maskrcnn.model import MaskRCNNModel
+from projects.maskrcnn.modeling.backbones.vit import VIT_SIZES
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                           'configs')
@@ -22,7 +23,9 @@ CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIG
 def test_the_published_recipes_exist():
     for name in ('maskrcnn_r50_fpn_1x_coco', 'maskrcnn_r50_fpn_3x_coco',
                  'maskrcnn_r101_fpn_3x_coco', 'maskrcnn_r50_fpn_lsj_100ep_coco',
-                 'maskrcnn_r50_fpn_torchvision_coco', 'demo_shapes'):
+                 'maskrcnn_r50_fpn_torchvision_coco', 'demo_shapes',
+                 'maskrcnn_vitdet_b_100ep_coco', 'maskrcnn_vitdet_l_100ep_coco',
+                 'maskrcnn_vitdet_h_75ep_coco', 'demo_shapes_vitdet'):
         assert name in CONFIGS
 
 
@@ -41,6 +44,12 @@ def test_config_builds_its_model(name):
     # The class-specific heads have K + 1 (box scores) and K (masks) outputs.
     assert params['box_predictor']['cls_score']['kernel'].shape[-1] == num_classes + 1
     assert jax.tree_util.tree_leaves(params)[0].dtype == jnp.float32
+    backbone = config.model.backbone
+    if backbone.get('name', 'resnet') == 'vit':
+        blocks = sum(1 for k in params['body'] if k.startswith('blocks_'))
+        depth = backbone.get('depth') or VIT_SIZES[backbone.size].depth
+        assert blocks == depth, (blocks, depth)
+        return
     stages = sum(1 for k in params['body'] if k.startswith('res'))
-    expected = {18: 8, 34: 16, 50: 16, 101: 33, 152: 50}[config.model.backbone.depth]
-    assert stages == expected, (stages, config.model.backbone.depth)
+    expected = {18: 8, 34: 16, 50: 16, 101: 33, 152: 50}[backbone.depth]
+    assert stages == expected, (stages, backbone.depth)

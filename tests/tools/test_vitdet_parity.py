@@ -24,10 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from projects.maskrcnn.model import MaskRCNNModel
 from projects.maskrcnn.modeling.backbones.vit import ViT
 from projects.maskrcnn.modeling.necks.simple_fpn import SimpleFPN
 from projects.maskrcnn.tools import convert_checkpoint as cc
 from projects.maskrcnn.tools import make_vitdet_golden as golden_script
+from tests import tiny_vitdet_config
 
 GOLDEN_DIR = pathlib.Path(__file__).parent / 'golden'
 TOL = 1e-4  # max |ours - reference| / max |reference|, float32
@@ -200,27 +202,53 @@ def test_detectron2_vitdet_pickle_converts_whole_model(d2_state, tmp_path):
     conversion = cc.convert(state, 'detectron2')
     assert conversion.unused == [] and conversion.ignored == ['pixel_mean', 'pixel_std']
     loaded = conversion.loaded
-    assert loaded['roi_heads.box_head.conv2.weight'] == 'params/box_head/conv2/kernel'
-    assert loaded['roi_heads.box_head.conv4.norm.weight'] == 'params/box_head/conv4_norm/scale'
-    assert loaded['roi_heads.box_head.fc1.weight'] == 'params/box_head/fc1/kernel'
-    assert loaded['roi_heads.mask_head.mask_fcn3.norm.bias'] == \
-        'params/mask_predictor/conv3_norm/bias'
+    assert loaded['roi_heads.box_head.conv2.weight'] == 'params/box_predictor/conv2/kernel'
+    assert loaded['roi_heads.box_head.conv4.norm.weight'] == 'params/box_predictor/norm4/scale'
+    assert loaded['roi_heads.box_head.fc1.weight'] == 'params/box_predictor/fc1/kernel'
+    assert loaded['roi_heads.mask_head.mask_fcn3.norm.bias'] == 'params/mask_predictor/norm3/bias'
+    assert loaded['roi_heads.mask_head.mask_fcn2.weight'] == 'params/mask_predictor/conv2/kernel'
     assert loaded['proposal_generator.rpn_head.conv.conv1.bias'] == 'params/rpn_head/conv1/bias'
     assert loaded['backbone.simfp_2.0.weight'] == 'params/neck/simfp_2_0/kernel'
     assert loaded['backbone.simfp_5.2.norm.weight'] == 'params/neck/simfp_5_2_norm/scale'
     params = conversion.variables['params']
     # fc1 flattens the last conv's (C=8, 7, 7) map: rows reordered to (7, 7, C).
     fc1 = heads['roi_heads.box_head.fc1.weight']
-    kernel = params['box_head']['fc1']['kernel']
+    kernel = params['box_predictor']['fc1']['kernel']
     assert kernel.shape == (7 * 7 * 8, 16)
     np.testing.assert_array_equal(kernel[(2 * 7 + 5) * 8 + 3], fc1[:, 3 * 49 + 2 * 7 + 5])
     np.testing.assert_array_equal(params['neck']['simfp_3_0']['kernel'],
                                   d2_state['backbone.simfp_3.0.weight'].transpose(2, 3, 0, 1))
-    np.testing.assert_array_equal(params['box_head']['conv1_norm']['scale'],
+    np.testing.assert_array_equal(params['box_predictor']['norm1']['scale'],
                                   heads['roi_heads.box_head.conv1.norm.weight'])
     # Background moves first in the classifier, as for every Detectron2 model.
     np.testing.assert_array_equal(params['box_predictor']['cls_score']['bias'],
                                   heads['roi_heads.box_predictor.cls_score.bias'][[2, 0, 1]])
+
+
+def _detector_shapes(num_classes):
+    """{path: shape} of every parameter of the tiny ViTDet detector (tests/tiny_vitdet_config.py)."""
+    model = MaskRCNNModel(tiny_vitdet_config.get_config(), {'num_classes': num_classes})
+    variables = jax.eval_shape(
+        lambda: model.flax_model.init({'params': jax.random.PRNGKey(0)},
+                                      jnp.zeros((1, 64, 64, 3)), jnp.array([[64, 64]])))
+    return {k: v.shape for k, v in flax.traverse_util.flatten_dict(variables['params']).items()}
+
+
+def test_detectron2_vitdet_pickle_fills_every_parameter_of_the_detector(d2_state, tmp_path):
+    """The whole published layout (trunk, pyramid, 2-conv RPN, 4conv1fc box head with LN,
+    mask head with LN) lands on the detector that backbone 'vit' + neck 'simple_fpn' build:
+    the same set of parameters, each of the same shape, nothing left over."""
+    path = tmp_path / 'model_final_vitdet.pkl'
+    _write_pkl(path, {**d2_state, **_heads(np.random.default_rng(1), classes=3)})
+    state, _ = cc.read_source(str(path), 'detectron2')
+    conversion = cc.convert(state, 'detectron2')
+    assert conversion.unused == []
+    converted = {k: v.shape for k, v in
+                 flax.traverse_util.flatten_dict(conversion.variables['params']).items()}
+    expected = _detector_shapes(num_classes=3)
+    assert sorted(set(expected) - set(converted)) == []
+    assert sorted(set(converted) - set(expected)) == []
+    assert {k: s for k, s in converted.items() if s != expected[k]} == {}
 
 
 def test_detectron2_backbone_only_file_initialises_the_trunk(d2_state, tmp_path):

@@ -37,6 +37,8 @@ DEFAULTS = {'backbone': 'resnet', 'neck': 'fpn'}
 BUILTIN_MODULES = (
     'projects.maskrcnn.modeling.backbones.resnet',
     'projects.maskrcnn.modeling.necks.fpn',
+    'projects.maskrcnn.modeling.backbones.vit',
+    'projects.maskrcnn.modeling.necks.simple_fpn',
 )
 # Spec classes that older code imported from modeling/specs.py: name -> (kind, part).
 LEGACY_SPEC_NAMES = {'BackboneSpec': ('backbone', 'resnet'), 'FPNSpec': ('neck', 'fpn')}

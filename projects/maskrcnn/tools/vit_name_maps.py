@@ -12,9 +12,9 @@ MAE pretraining checkpoints (`mae_pretrain_vit_{base,large,huge_p14to16}.pth`,
   blocks.i.attn.rel_pos_h / rel_pos_w        body/blocks_i/attn/rel_pos_h / rel_pos_w
   blocks.i.mlp.fc1 / mlp.fc2                 body/blocks_i/mlp/fc1 / fc2
   backbone.simfp_L.k(.norm)                  neck/simfp_L_k(_norm)
-  roi_heads.box_head.conv{k}(.norm)          box_head/conv{k}(_norm)
-  roi_heads.box_head.fc1 (after convs)       box_head/fc1
-  roi_heads.mask_head.mask_fcn{k}.norm       mask_predictor/conv{k}_norm
+  roi_heads.box_head.conv{k} / conv{k}.norm  box_predictor/conv{k} / norm{k}
+  roi_heads.box_head.fc1 (after convs)       box_predictor/fc1 (rows reordered)
+  roi_heads.mask_head.mask_fcn{k}.norm       mask_predictor/norm{k}
 
 MAE's `cls_token` and final `norm.*` have no place in ViTDet (no class token,
 no final norm): they are dropped, and the conversion notes say so. MAE has no
@@ -30,6 +30,10 @@ from projects.maskrcnn.tools.name_maps import Target, _layer
 
 BACKBONE = 'body'
 NECK = 'neck'
+# The detector's module names of the box head (BoxHead: conv{k}, norm{k}, fc1,
+# cls_score, bbox_pred) and the mask head (MaskHead: conv{k}, norm{k}, deconv, predictor).
+BOX_HEAD = 'box_predictor'
+MASK_HEAD = 'mask_predictor'
 # LayerNorm leaves: trainable parameters, not frozen statistics.
 _LN_LEAVES = {'weight': 'scale', 'bias': 'bias'}
 _W = r'(weight|bias)'
@@ -72,11 +76,11 @@ def _simfp(m: re.Match) -> Target:
 VITDET_RULES = _trunk_rules(r'backbone\.net\.') + [
     (rf'backbone\.simfp_([2-5])\.(\d)(\.norm)?\.{_W}', _simfp),
     (rf'roi_heads\.box_head\.conv(\d+)\.{_W}',
-     lambda m: _layer(('box_head', f'conv{m[1]}'), m[2], 'conv')),
+     lambda m: _layer((BOX_HEAD, f'conv{m[1]}'), m[2], 'conv')),
     (rf'roi_heads\.box_head\.conv(\d+)\.norm\.{_W}',
-     lambda m: _ln(('box_head', f'conv{m[1]}_norm'), m[2])),
+     lambda m: _ln((BOX_HEAD, f'norm{m[1]}'), m[2])),
     (rf'roi_heads\.mask_head\.mask_fcn(\d)\.norm\.{_W}',
-     lambda m: _ln(('mask_predictor', f'conv{m[1]}_norm'), m[2])),
+     lambda m: _ln((MASK_HEAD, f'norm{m[1]}'), m[2])),
 ]
 
 _CONV_HEAD = re.compile(r'roi_heads\.box_head\.conv(\d+)\.weight')
@@ -91,8 +95,8 @@ def _box_head_convs(names: Iterable[str]) -> list[str]:
 def target_of(source: str, name: str, names: Iterable[str] = ()) -> Target | None:
     """The Detectax variable of one MAE or Detectron2 ViTDet tensor, else None.
 
-    `names`: every name of the checkpoint; a box head with convolutions
-    ("4conv1fc") sends `fc1` to box_head/fc1 instead of the 2-fc head's place.
+    `names`: every name of the checkpoint; behind convolutions ("4conv1fc") the
+    box head's `fc1` flattens the last conv's map, not the pooled features.
     """
     if source == 'mae':
         rules = MAE_RULES
@@ -100,7 +104,7 @@ def target_of(source: str, name: str, names: Iterable[str] = ()) -> Target | Non
         rules = VITDET_RULES
         m = _FC1.fullmatch(name)
         if m and _box_head_convs(names):
-            return _layer(('box_head', 'fc1'), m[1], 'fc_first')
+            return _layer((BOX_HEAD, 'fc1'), m[1], 'fc_first')
     else:
         return None
     for pattern, make in rules:

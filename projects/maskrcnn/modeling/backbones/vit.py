@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from projects.maskrcnn.modeling import layers
+from projects.maskrcnn.modeling import layers, registry
 from projects.maskrcnn.ops import interpolation
 
 
@@ -316,3 +316,34 @@ class ViTSpec:
 
     def build(self, dtype: Any = jnp.float32, name: str | None = None) -> ViT:
         return ViT(**self.resolved(), dtype=dtype, name=name)
+
+
+# ----------------------------------------------------------------------------
+# As a registered backbone: `config.model.backbone.name = 'vit'`
+# ----------------------------------------------------------------------------
+
+# The key of the one map the backbone returns (Detectron2's ViT calls it so too).
+OUTPUT_NAME = 'last_feat'
+
+
+class ViTBackbone(ViT):
+    """The ViT as the detector's backbone: {'last_feat': [B, H/16, W/16, C]}.
+
+    Same parameters as `ViT` (no extra scope), so checkpoints of either load.
+    """
+
+    def __call__(self, images: jnp.ndarray, train: bool = False) -> dict[str, jnp.ndarray]:
+        return {OUTPUT_NAME: super().__call__(images, train)}
+
+
+def feature_maps(spec: ViTSpec) -> tuple[registry.FeatureMap, ...]:
+    """One map, stride `patch_size`, `width` channels."""
+    fields = spec.resolved()
+    return (registry.FeatureMap(OUTPUT_NAME, fields['patch_size'], fields['width']),)
+
+
+def build(spec: ViTSpec, dtype: Any) -> ViTBackbone:
+    return ViTBackbone(**spec.resolved(), dtype=dtype)
+
+
+registry.register_backbone('vit', ViTSpec, build, feature_maps)

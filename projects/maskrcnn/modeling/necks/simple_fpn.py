@@ -33,7 +33,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from projects.maskrcnn.modeling import layers
+from projects.maskrcnn.modeling import layers, registry
 
 # PyTorch's default: U(+-1/sqrt(fan_in)); for a transposed conv torch's fan_in
 # is out_channels * kh * kw, which flax calls fan_out of an HWIO kernel.
@@ -92,3 +92,26 @@ class SimpleFPN(nn.Module):
         if self.top_block == 'maxpool':
             outputs.append(outputs[-1][:, ::2, ::2])
         return outputs
+
+
+class SimpleFPNNeck(SimpleFPN):
+    """SimpleFPN as the detector's neck: reads the one map `in_feature` of the
+    backbone's dict. Same parameters as `SimpleFPN`."""
+    in_feature: str = 'last_feat'
+
+    def __call__(self, features: dict[str, jnp.ndarray], train: bool = False
+                 ) -> list[jnp.ndarray]:
+        return super().__call__(features[self.in_feature], train)
+
+
+def build(spec: SimpleFPNSpec, inputs: tuple[registry.FeatureMap, ...], dtype: Any
+          ) -> SimpleFPNNeck:
+    """A pyramid over the backbone's single stride-16 map (ViTDet's simple_fpn)."""
+    if len(inputs) != 1 or inputs[0].stride != 16:
+        raise ValueError("neck 'simple_fpn' needs a backbone with one map of stride 16; the "
+                         f"backbone gives {[(m.name, m.stride) for m in inputs]}")
+    return SimpleFPNNeck(channels=spec.channels, top_block=spec.top_block, dtype=dtype,
+                         in_feature=inputs[0].name)
+
+
+registry.register_neck('simple_fpn', SimpleFPNSpec, build)
