@@ -35,7 +35,7 @@ setuptools.setup(
         'onednn-devel-cpu-gomp>=2023.0; sys_platform == "linux" and platform_machine == "x86_64"',
     ],
     extras_require={
-        'test': ['pytest>=7', 'pytest-xdist', 'chex'],
+        'test': ['pytest>=7', 'pytest-xdist', 'chex', 'ruff'],
         'torch': ['torch', 'torchvision'],  # reading .pth checkpoints, golden files
     },
 )
