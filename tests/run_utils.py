@@ -73,3 +73,19 @@ def run(command: list[str], env: dict[str, str], timeout: float = 600,
     if signal_on and not sent:
         raise AssertionError(f'{signal_on!r} never appeared in the output:\n{output[-3000:]}')
     return code, output
+
+
+def train_in_process(config, workdir: str):
+    """Runs `trainer.train_and_evaluate` as main.py does, in this process: (state, metrics)."""
+    import jax  # pylint: disable=g-import-not-at-top
+    from clu import metric_writers  # pylint: disable=g-import-not-at-top
+    from projects.maskrcnn import main as main_lib, trainer  # pylint: disable=g-import-not-at-top
+    from projects.maskrcnn.model import MaskRCNNModel  # pylint: disable=g-import-not-at-top
+    writer = metric_writers.create_default_writer(workdir, asynchronous=False)
+    data_rng, rng = jax.random.split(jax.random.PRNGKey(config.rng_seed))
+    dataset = main_lib.get_dataset(config, data_rng)
+    try:
+        return trainer.train_and_evaluate(rng=rng, config=config, model_cls=MaskRCNNModel,
+                                          dataset=dataset, workdir=workdir, writer=writer)
+    finally:
+        writer.close()

@@ -12,12 +12,9 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from clu import metric_writers
 
-from projects.maskrcnn import checkpointing, trainer
-from projects.maskrcnn import main as main_lib
-from projects.maskrcnn.model import MaskRCNNModel
-from tests import tiny_shapes_config as tiny_shapes
+from projects.maskrcnn import checkpointing
+from tests import run_utils, tiny_shapes_config as tiny_shapes
 
 DAMAGE_WARNING = 'Checkpoint step 4 is damaged'
 
@@ -35,15 +32,7 @@ def _config(data_dir, **overrides):
 
 
 def _run(config, workdir):
-    writer = metric_writers.create_default_writer(workdir, asynchronous=False)
-    data_rng, rng = jax.random.split(jax.random.PRNGKey(config.rng_seed))
-    dataset = main_lib.get_dataset(config, data_rng)
-    try:
-        state, _ = trainer.train_and_evaluate(rng=rng, config=config, model_cls=MaskRCNNModel,
-                                              dataset=dataset, workdir=workdir, writer=writer)
-    finally:
-        writer.close()
-    return state
+    return run_utils.train_in_process(config, workdir)[0]
 
 
 @pytest.fixture(scope='module')

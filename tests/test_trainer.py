@@ -5,7 +5,6 @@ import os
 import jax
 import numpy as np
 import pytest
-from clu import metric_writers
 
 from configs import base, demo_shapes
 from projects.maskrcnn import config_check, main as main_lib, optim, trainer
@@ -25,14 +24,7 @@ def _tiny_config(data_dir, **overrides):
 
 
 def _run(config, workdir):
-    writer = metric_writers.create_default_writer(workdir, asynchronous=False)
-    data_rng, rng = jax.random.split(jax.random.PRNGKey(config.rng_seed))
-    dataset = main_lib.get_dataset(config, data_rng)
-    state, metrics = trainer.train_and_evaluate(
-        rng=rng, config=config, model_cls=MaskRCNNModel, dataset=dataset,
-        workdir=workdir, writer=writer)
-    writer.close()
-    return state, metrics
+    return run_utils.train_in_process(config, workdir)
 
 
 @pytest.fixture(scope='module')

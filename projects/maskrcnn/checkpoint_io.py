@@ -59,8 +59,8 @@ def _is_orbax_dir(path: str) -> bool:
 def _latest_step_dir(checkpoints_dir: str) -> str | None:
     """The finished step directory with the highest step number, or None."""
     # Orbax writes a step under a temporary name and renames it when finished.
-    steps = [int(d) for d in os.listdir(checkpoints_dir) if d.isdigit()
-             and _is_orbax_dir(os.path.join(checkpoints_dir, d, ITEM_NAME))]
+    steps = [n for n in checkpointing.step_numbers(checkpoints_dir)
+             if _is_orbax_dir(os.path.join(checkpoints_dir, str(n), ITEM_NAME))]
     return os.path.join(checkpoints_dir, str(max(steps))) if steps else None
 
 

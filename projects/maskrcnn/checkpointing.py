@@ -211,7 +211,8 @@ def closing_managers():
             manager.close()
 
 
-def _steps(directory: str) -> list[int]:
+def step_numbers(directory: str) -> list[int]:
+    """The step numbers of the step directories in `directory`, ascending."""
     if not os.path.isdir(directory):
         return []
     return sorted(int(n) for n in os.listdir(directory)
@@ -315,7 +316,7 @@ def restore_latest_good(directory: str, state: Any, train_iter, workdir: str) ->
       NoGoodCheckpointError: checkpoints exist and none is usable.
       CheckpointMismatchError: the newest intact step holds another model.
     """
-    steps = _steps(directory)
+    steps = step_numbers(directory)
     if not steps:
         return state
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, state)
