@@ -6,7 +6,14 @@ r"""Compiled memory of one training step: XLA's `memory_analysis()` of the train
 
 Nothing is allocated or run: the model is initialised abstractly (jax.eval_shape) and the
 step (`steps.train_step` with the config's optimizer, state donated as the trainer does)
-is lowered and compiled for this process's first device. It prints the compiled
+is lowered and compiled for this process's first device.
+
+On the CPU, XLA orders the step's operations by default to run independent ones side by
+side, not to hold little memory: its figure then stays the same with and without
+`backbone.remat`. `--cpu_schedule=memory` (the default) compiles with
+`--xla_cpu_enable_concurrency_optimized_scheduler=false`, XLA's memory-minimising order,
+which is the figure that rematerialisation and `backbone.global_attention_chunks` move;
+`--cpu_schedule=concurrency` gives the default order's figure. It prints the compiled
 program's argument bytes (parameters, optimizer state, the batch), temporaries (the
 activations kept for the backward pass and every other intermediate), outputs, aliased
 bytes, and arguments + temporaries, the figure to set against a GPU's memory (a donated
@@ -15,6 +22,7 @@ way; a GPU's figure comes from running the same command there.
 """
 
 import functools
+import os
 import time
 
 import jax
@@ -39,7 +47,25 @@ _BACKBONE_ONLY = flags.DEFINE_bool('backbone_only', False,
                                    "Compile only the backbone's forward and backward (the "
                                    'gradient of the sum of squares of its maps).')
 
+_CPU_SCHEDULE = flags.DEFINE_enum(
+    'cpu_schedule', 'memory', ['memory', 'concurrency'],
+    "XLA:CPU's operation order: memory-minimising, or its default (concurrency).")
+
 GB = 1e9
+SCHEDULER_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler'
+
+
+def set_cpu_schedule(kind: str) -> None:
+    """Chooses XLA:CPU's scheduler through XLA_FLAGS; call before the backend starts.
+
+    The flag is read once, when jax creates its CPU client (the per-compile
+    `compiler_options` do not reach it).
+    """
+    current = os.environ.get('XLA_FLAGS', '')
+    if SCHEDULER_FLAG in current:
+        raise ValueError(f'XLA_FLAGS already sets {SCHEDULER_FLAG}; use --cpu_schedule instead')
+    value = 'true' if kind == 'concurrency' else 'false'
+    os.environ['XLA_FLAGS'] = f'{current} {SCHEDULER_FLAG}={value}'.strip()
 
 
 def abstract_step(config, batch: int, height: int, width: int, num_classes: int):
@@ -96,6 +122,7 @@ def report(memory) -> dict[str, float]:
 
 def main(argv):
     del argv
+    set_cpu_schedule(_CPU_SCHEDULE.value)
     config = _CONFIG.value
     if _BACKBONE_ONLY.value:
         step, state, batch = abstract_backbone_step(config, _BATCH.value, _HEIGHT.value,
@@ -108,9 +135,12 @@ def main(argv):
     seconds = time.perf_counter() - start
     backbone = config.model.backbone
     what = 'backbone forward and backward' if _BACKBONE_ONLY.value else 'training step'
+    device = jax.devices()[0]
+    schedule = f', {_CPU_SCHEDULE.value} schedule' if device.platform == 'cpu' else ''
     print(f'{config.experiment_name} {what}: {_BATCH.value} x {_HEIGHT.value}x{_WIDTH.value}, '
           f'dtype {config.get("dtype", "float32")}, remat {backbone.get("remat", False)}, '
-          f'{jax.devices()[0].device_kind}; compiled in {seconds:.0f} s')
+          f'global_attention_chunks {backbone.get("global_attention_chunks", 1)}, '
+          f'{device.device_kind}{schedule}; compiled in {seconds:.0f} s')
     print(compiled.memory_analysis())
     for name, value in report(compiled.memory_analysis()).items():
         print(f'  {name:27s} {value:7.2f} GB')

@@ -120,6 +120,42 @@ def test_remat_and_bfloat16_compute_the_same_map():
     assert float(jnp.abs(y16.astype(jnp.float32) - y).max() / jnp.abs(y).max()) < 0.05
 
 
+def test_global_attention_in_chunks_computes_the_same_map_and_gradients():
+    # 80 x 48 pixels: 5 x 3 tokens, so 2 and 3 chunks of query rows pad the grid.
+    model = vit.ViT(**TINY)
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 80, 48, 3))
+    variables = _tiny_variables(model, x)
+    rel_h = variables['params']['blocks_1']['attn']['rel_pos_h']
+    assert float(jnp.abs(rel_h).min()) > 0   # the rel-pos terms take part
+
+    def value_and_grad(m):
+        return jax.jit(jax.value_and_grad(
+            lambda params: jnp.sum(jnp.sin(m.apply({'params': params}, x)))))(variables['params'])
+
+    v, g = value_and_grad(model)
+    for chunks in (2, 3, 5):
+        v_c, g_c = value_and_grad(model.clone(global_attention_chunks=chunks))
+        np.testing.assert_allclose(v_c, v, rtol=1e-5)
+        for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(g_c)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match='global_attention_chunks must be >= 1, got 0'):
+        vit.ViTSpec(global_attention_chunks=0).resolved()
+
+
+def test_attention_chunks_hold_a_part_of_the_logits():
+    # One global block on a 64 x 64 grid (1024 x 1024 pixels): its float32 logits are
+    # 2 x 4096 x 4096 x 4 bytes = 134 MB; in 8 chunks the step holds about an eighth.
+    def temporaries(chunks):
+        block = vit.Block(2, 1.0, 0, (64, 64), query_chunks=chunks)
+        x = jax.ShapeDtypeStruct((1, 64, 64, 16), jnp.float32)
+        params = jax.eval_shape(block.init, jax.random.PRNGKey(0), x)
+        grad = jax.jit(jax.grad(lambda p, x: jnp.sum(block.apply(p, x) ** 2)))
+        return grad.lower(params, x).compile().memory_analysis().temp_size_in_bytes
+
+    whole, chunked = temporaries(1), temporaries(8)
+    assert whole > 2 * 134e6 and chunked < whole / 4, (whole, chunked)
+
+
 def test_drop_path_only_in_training():
     model = vit.ViT(**{**TINY, 'drop_path_rate': 0.5})
     x = jax.random.normal(jax.random.PRNGKey(1), (4, 32, 32, 3))

@@ -94,17 +94,76 @@ def rel_pos_table(q_size: int, k_size: int, rel_pos: jnp.ndarray) -> jnp.ndarray
     return rel_pos[index]
 
 
+def attend_rows(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray, rel_h: jnp.ndarray | None,
+                rel_w: jnp.ndarray | None, dtype: Any) -> jnp.ndarray:
+    """Softmax attention of r query rows of the grid over all h x w keys.
+
+    Args:
+      q: [B, n, r, w, d] queries (unscaled).
+      k, v: [B, n, h * w, d].
+      rel_h: [r, h, d] rel-pos embeddings of the rows' (query, key) row pairs, or None.
+      rel_w: [w, w, d] of the (query, key) column pairs, or None.
+      dtype: of the probabilities and the value matmul.
+    Returns:
+      [B, n, r * w, d].
+    """
+    b, n, r, w, d = q.shape
+    logits = jnp.einsum('bnqd,bnkd->bnqk', (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, n, r * w, d),
+                        k, preferred_element_type=jnp.float32)
+    if rel_h is not None:
+        # The rel-pos terms use the unscaled queries, as Detectron2 does.
+        rq = q.astype(jnp.float32)
+        bias_h = jnp.einsum('bnrwd,rkd->bnrwk', rq, rel_h)
+        bias_w = jnp.einsum('bnrwd,wkd->bnrwk', rq, rel_w)
+        kh, kw = rel_h.shape[1], rel_w.shape[1]
+        logits = (logits.reshape(b, n, r, w, kh, kw) + bias_h[..., :, None]
+                  + bias_w[..., None, :]).reshape(b, n, r * w, kh * kw)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    return jnp.einsum('bnqk,bnkd->bnqd', probs, v.astype(dtype))
+
+
+def attend_in_chunks(q, k, v, rel_h, rel_w, dtype, chunks: int) -> jnp.ndarray:
+    """`attend_rows` over all h query rows, `chunks` groups of rows at a time.
+
+    Each group's logits and probabilities ([B, n, h * w / chunks, h * w]) live
+    only while it is computed and are recomputed in the backward pass (one
+    `jax.checkpoint`ed loop body), so the step holds a chunk of them, not all.
+    Rows are zero-padded to a multiple of `chunks` and the padded outputs dropped;
+    every query row attends exactly as in one piece.
+    """
+    b, n, h, w, d = q.shape
+    rows = -(-h // chunks)
+    pad = rows * chunks - h
+    q = jnp.pad(q, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0)))
+    q = q.reshape(b, n, chunks, rows, w, d).transpose(2, 0, 1, 3, 4, 5)
+    if rel_h is not None:
+        rel_h = jnp.pad(rel_h, ((0, pad), (0, 0), (0, 0))).reshape(chunks, rows, *rel_h.shape[1:])
+
+    @jax.checkpoint
+    def group(args):
+        q_rows, rel_h_rows = args
+        return attend_rows(q_rows, k, v, rel_h_rows, rel_w, dtype)
+
+    out = jax.lax.map(group, (q, rel_h))                       # [chunks, B, n, rows * w, d]
+    out = out.reshape(chunks, b, n, rows, w, d).transpose(1, 2, 0, 3, 4, 5)
+    return out.reshape(b, n, chunks * rows, w, d)[:, :, :h].reshape(b, n, h * w, d)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention over a [B', h, w, C] map with decomposed rel-pos.
 
     Attributes:
       num_heads: heads n.
       rel_pos_size: S, the (h, w) the rel-pos tables are sized for (2S - 1 rows).
+      query_chunks: > 1 computes the attention in that many groups of query rows,
+        each recomputed in the backward pass (`attend_in_chunks`): the same values,
+        less memory for the global blocks' (h w) x (h w) logits.
       dtype: of the matmuls; logits, rel-pos terms and the softmax stay float32.
     """
     num_heads: int
     rel_pos_size: tuple[int, int]
     use_rel_pos: bool = True
+    query_chunks: int = 1
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -114,19 +173,17 @@ class Attention(nn.Module):
         dense = functools.partial(layers.dense, dtype=self.dtype, kernel_init=_linear_init)
         qkv = dense(3 * c, name='qkv')(x).reshape(b, h * w, 3, n, d)
         q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # [B', n, hw, d]
-        logits = jnp.einsum('bnqd,bnkd->bnqk', q * jnp.asarray(d ** -0.5, q.dtype), k,
-                            preferred_element_type=jnp.float32)
+        q = q.reshape(b, n, h, w, d)
+        rel_h = rel_w = None
         if self.use_rel_pos:
             rel_h = self.param('rel_pos_h', nn.initializers.zeros, (2 * self.rel_pos_size[0] - 1, d))
             rel_w = self.param('rel_pos_w', nn.initializers.zeros, (2 * self.rel_pos_size[1] - 1, d))
-            # The rel-pos terms use the unscaled queries, as Detectron2 does.
-            rq = q.astype(jnp.float32).reshape(b, n, h, w, d)
-            bias_h = jnp.einsum('bnhwd,hkd->bnhwk', rq, rel_pos_table(h, h, rel_h))
-            bias_w = jnp.einsum('bnhwd,wkd->bnhwk', rq, rel_pos_table(w, w, rel_w))
-            logits = (logits.reshape(b, n, h, w, h, w) + bias_h[..., :, None]
-                      + bias_w[..., None, :]).reshape(b, n, h * w, h * w)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum('bnqk,bnkd->bqnd', probs, v.astype(self.dtype)).reshape(b, h, w, c)
+            rel_h, rel_w = rel_pos_table(h, h, rel_h), rel_pos_table(w, w, rel_w)
+        if self.query_chunks > 1:
+            out = attend_in_chunks(q, k, v, rel_h, rel_w, self.dtype, self.query_chunks)
+        else:
+            out = attend_rows(q, k, v, rel_h, rel_w, self.dtype)
+        out = out.transpose(0, 2, 1, 3).reshape(b, h, w, c)
         return dense(c, name='proj')(out)
 
 
@@ -180,6 +237,7 @@ class Block(nn.Module):
     use_rel_pos: bool = True
     rng_collection: str = 'sampling'
     dtype: Any = jnp.float32
+    query_chunks: int = 1
 
     def _residual(self, x, branch, train):
         if train and self.drop_path_rate > 0:
@@ -192,8 +250,8 @@ class Block(nn.Module):
         y = layer_norm('norm1')(x).astype(self.dtype)
         if self.window:
             y = window_partition(y, self.window)
-        y = Attention(self.num_heads, self.rel_pos_size, self.use_rel_pos, self.dtype,
-                      name='attn')(y)
+        y = Attention(self.num_heads, self.rel_pos_size, self.use_rel_pos,
+                      query_chunks=self.query_chunks, dtype=self.dtype, name='attn')(y)
         if self.window:
             y = window_unpartition(y, self.window, (h, w))
         x = self._residual(x, y, train)
@@ -215,6 +273,9 @@ class ViT(nn.Module):
       pretrain_grid: side of the stored position grid (224 / 16 = 14 for MAE).
       drop_path_rate: stochastic depth of the last block, linear from 0.
       remat: rematerialise each block in the backward pass (nn.remat).
+      global_attention_chunks: the global blocks attend in this many groups of
+        query rows, each recomputed in the backward pass (`attend_in_chunks`);
+        1 computes the (h w) x (h w) logits in one piece.
       rng_collection: the RNG stream drop path draws from.
       dtype: of the convolution and matmuls (float32 or bfloat16).
     """
@@ -230,6 +291,7 @@ class ViT(nn.Module):
     drop_path_rate: float = 0.1
     use_rel_pos: bool = True
     remat: bool = False
+    global_attention_chunks: int = 1
     rng_collection: str = 'sampling'
     dtype: Any = jnp.float32
 
@@ -253,6 +315,7 @@ class ViT(nn.Module):
             x = block_cls(self.num_heads, self.mlp_ratio, 0 if is_global else self.window_size,
                           (grid, grid) if is_global else (self.window_size,) * 2, rate,
                           self.use_rel_pos, self.rng_collection, self.dtype,
+                          query_chunks=self.global_attention_chunks if is_global else 1,
                           name=f'blocks_{i}')(x, train)
         return x.astype(self.dtype)
 
@@ -298,6 +361,7 @@ class ViTSpec:
     pretrain_grid: int = 14
     use_rel_pos: bool = True
     remat: bool = False
+    global_attention_chunks: int = 1
 
     def resolved(self) -> dict[str, Any]:
         """The ViT module's fields, the size table filled in."""
@@ -309,6 +373,9 @@ class ViTSpec:
             if fields[key] is None:
                 fields[key] = row[key]
         fields['global_blocks'] = tuple(fields['global_blocks'])
+        if fields['global_attention_chunks'] < 1:
+            raise ValueError('backbone.global_attention_chunks must be >= 1, got '
+                             f"{fields['global_attention_chunks']}")
         if fields['width'] % fields['num_heads']:
             raise ValueError(f"ViT width {fields['width']} is not a multiple of "
                              f"num_heads {fields['num_heads']}")
