@@ -81,13 +81,15 @@ class _Writer:
         self.state[f'{prefix}.norm.num_batches_tracked'] = np.array(184375, np.int64)
 
 
-def detectron2_lsj_state(seed=0) -> dict[str, np.ndarray]:
-    """The R50 LSJ model's state dict at this file's widths."""
+def detectron2_lsj_state(seed=0, width=WIDTH, fpn=FPN, box_conv=BOX_CONV, fc=FC,
+                         mask_conv=MASK_CONV, num_classes=K) -> dict[str, np.ndarray]:
+    """The R50 LSJ model's state dict at these widths (published: 64, 256, 256, 1024,
+    256, 80)."""
     w = _Writer(seed)
-    w.conv('backbone.bottom_up.stem.conv1', WIDTH, 3, 7)
-    inp = WIDTH
+    w.conv('backbone.bottom_up.stem.conv1', width, 3, 7)
+    inp = width
     for stage, blocks in enumerate(BLOCKS, start=2):
-        mid = WIDTH * 2 ** (stage - 2)
+        mid = width * 2 ** (stage - 2)
         for b in range(blocks):
             p = f'backbone.bottom_up.res{stage}.{b}'
             if b == 0:
@@ -96,24 +98,24 @@ def detectron2_lsj_state(seed=0) -> dict[str, np.ndarray]:
             w.conv(f'{p}.conv2', mid, mid, 3)
             w.conv(f'{p}.conv3', 4 * mid, mid, 1)
             inp = 4 * mid
-        w.conv(f'backbone.fpn_lateral{stage}', FPN, inp, 1)
-        w.conv(f'backbone.fpn_output{stage}', FPN, FPN, 3)
+        w.conv(f'backbone.fpn_lateral{stage}', fpn, inp, 1)
+        w.conv(f'backbone.fpn_output{stage}', fpn, fpn, 3)
     for k in range(2):
-        w.conv(f'proposal_generator.rpn_head.conv.conv{k}', FPN, FPN, 3, norm=False)
-    w.conv('proposal_generator.rpn_head.objectness_logits', 3, FPN, 1, norm=False)
-    w.conv('proposal_generator.rpn_head.anchor_deltas', 12, FPN, 1, norm=False)
+        w.conv(f'proposal_generator.rpn_head.conv.conv{k}', fpn, fpn, 3, norm=False)
+    w.conv('proposal_generator.rpn_head.objectness_logits', 3, fpn, 1, norm=False)
+    w.conv('proposal_generator.rpn_head.anchor_deltas', 12, fpn, 1, norm=False)
     for k in range(1, 5):
-        w.conv(f'roi_heads.box_head.conv{k}', BOX_CONV, FPN if k == 1 else BOX_CONV, 3)
-        w.conv(f'roi_heads.mask_head.mask_fcn{k}', MASK_CONV, FPN if k == 1 else MASK_CONV, 3)
-    w.put('roi_heads.box_head.fc1.weight', FC, BOX_CONV * 7 * 7, low=-0.2, high=0.2)
-    w.put('roi_heads.box_head.fc1.bias', FC)
-    w.put('roi_heads.box_predictor.cls_score.weight', K + 1, FC)  # background last
-    w.put('roi_heads.box_predictor.cls_score.bias', K + 1)
-    w.put('roi_heads.box_predictor.bbox_pred.weight', 4 * K, FC)
-    w.put('roi_heads.box_predictor.bbox_pred.bias', 4 * K)
-    w.put('roi_heads.mask_head.deconv.weight', MASK_CONV, MASK_CONV, 2, 2)  # [in, out, kh, kw]
-    w.put('roi_heads.mask_head.deconv.bias', MASK_CONV)
-    w.conv('roi_heads.mask_head.predictor', K, MASK_CONV, 1, norm=False)
+        w.conv(f'roi_heads.box_head.conv{k}', box_conv, fpn if k == 1 else box_conv, 3)
+        w.conv(f'roi_heads.mask_head.mask_fcn{k}', mask_conv, fpn if k == 1 else mask_conv, 3)
+    w.put('roi_heads.box_head.fc1.weight', fc, box_conv * 7 * 7, low=-0.2, high=0.2)
+    w.put('roi_heads.box_head.fc1.bias', fc)
+    w.put('roi_heads.box_predictor.cls_score.weight', num_classes + 1, fc)  # background last
+    w.put('roi_heads.box_predictor.cls_score.bias', num_classes + 1)
+    w.put('roi_heads.box_predictor.bbox_pred.weight', 4 * num_classes, fc)
+    w.put('roi_heads.box_predictor.bbox_pred.bias', 4 * num_classes)
+    w.put('roi_heads.mask_head.deconv.weight', mask_conv, mask_conv, 2, 2)  # [in, out, kh, kw]
+    w.put('roi_heads.mask_head.deconv.bias', mask_conv)
+    w.conv('roi_heads.mask_head.predictor', num_classes, mask_conv, 1, norm=False)
     w.state['pixel_mean'] = np.array([103.53, 116.28, 123.675], np.float32).reshape(3, 1, 1)
     w.state['pixel_std'] = np.ones((3, 1, 1), np.float32)
     return w.state
