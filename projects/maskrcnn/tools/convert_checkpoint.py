@@ -26,8 +26,10 @@ of the COCO annotation file); `--all_classes` keeps all 90. Detectron2 puts
 background last in cls_score; it is moved first. Class-specific box and mask
 outputs for the background class (torchvision) are dropped.
 Detectron2's MSRA weights take BGR images; the first conv's input channels are
-reversed so that the converted model takes RGB like every Detectax pipeline
-(the configs then give the pixel mean in RGB order).
+reversed so that the converted model takes RGB like most Detectax configs
+(which then give the pixel mean in RGB order). A config that feeds BGR itself
+(maskrcnn_r50_fpn_lsj_100ep_coco.py, as Detectron2's LSJ recipe) takes the file
+converted with `--model_input=bgr`, which keeps the channels as they are.
 
 Output: an orbax checkpoint directory holding {'params', 'model_state':
 {'frozen', 'batch_stats'}} (batch-norm statistics are written for both the
@@ -202,6 +204,15 @@ def _pooled_channels(state, targets) -> int | None:
     return None
 
 
+def _target_of(source: str, name: str, state: Mapping[str, np.ndarray]):
+    # Batch-normed heads (R50 LSJ) take the ResNet detector's rules before ViTDet's,
+    # whose rules read `box_head.conv1.norm.weight` as a LayerNorm.
+    if source == 'detectron2' and name_maps.is_batch_norm(name, state):
+        return name_maps.target_of(source, name)
+    return vit_name_maps.target_of(source, name, state) or (
+        name_maps.target_of(source, name) if source in name_maps.RULES else None)
+
+
 def convert(state: Mapping[str, np.ndarray], source: str, *,
             class_ids: Sequence[int] | None = None, all_classes: bool = False,
             reverse_input_channels: bool = False) -> Conversion:
@@ -227,8 +238,7 @@ def convert(state: Mapping[str, np.ndarray], source: str, *,
     if dropped:
         notes.append(f'dropped (no place in ViTDet): {", ".join(dropped)}')
     for name in state:
-        target = vit_name_maps.target_of(source, name, state) or (
-            name_maps.target_of(source, name) if source in name_maps.RULES else None)
+        target = _target_of(source, name, state)
         if target is not None:
             targets[name] = target
         elif name_maps.IGNORED.fullmatch(name) or name in dropped:
@@ -241,7 +251,8 @@ def convert(state: Mapping[str, np.ndarray], source: str, *,
     if num_classes:
         notes.append(f'{len(class_ids)} classes kept; source indices {list(class_ids)}')
     if reverse_input_channels and any(t.kind == 'stem_conv' for t in targets.values()):
-        notes.append('first conv input channels reversed (BGR weights, RGB images)')
+        notes.append('first conv input channels reversed (BGR <-> RGB: the weights and '
+                     'the images come in opposite channel orders)')
     pooled = vit_name_maps.pooled_channels(state) or _pooled_channels(state, targets)
     variables: dict[str, Any] = {}
     loaded = {}
@@ -372,6 +383,10 @@ def _parse(argv):
     parser.add_argument('--source_input', default='auto', choices=('auto', 'bgr', 'rgb'),
                         help='channel order the source model was trained on; auto: BGR for '
                              'Detectron2 files (except torchvision-converted ones), else RGB')
+    parser.add_argument('--model_input', default='rgb', choices=('rgb', 'bgr'),
+                        help="channel order the config feeds the model (its "
+                             "dataset_configs.channel_order); the first conv's input channels "
+                             "are reversed where it differs from the source's")
     parser.add_argument('input')
     parser.add_argument('output_dir')
     return parser.parse_args(argv)
@@ -388,7 +403,10 @@ def main(argv=None) -> int:
         args.source_input == 'auto' and args.source == 'detectron2'
         and meta.get('__author__') != 'torchvision')
     conversion = convert(state, args.source, all_classes=args.all_classes,
-                         reverse_input_channels=bgr)
+                         reverse_input_channels=bgr != (args.model_input == 'bgr'))
+    if bgr and args.model_input == 'bgr':
+        conversion.notes.append("first conv kept in BGR order: the config feeds BGR images "
+                                "(dataset_configs.channel_order='BGR')")
     if not conversion.loaded:
         print(f'error: {nothing_converts_message(args.input, args.source, conversion)}',
               file=sys.stderr)

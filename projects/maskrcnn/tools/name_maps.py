@@ -9,14 +9,15 @@ torchvision                              Detectron2
 backbone.body.conv1 / bn1                backbone.bottom_up.stem.conv1(.norm)
 backbone.body.layer1.0.conv1 / bn1       backbone.bottom_up.res2.0.conv1(.norm)
 backbone.body.layer1.0.downsample.0 / 1  backbone.bottom_up.res2.0.shortcut(.norm)
-backbone.fpn.inner_blocks.0(.0)          backbone.fpn_lateral2
-backbone.fpn.layer_blocks.0(.0)          backbone.fpn_output2
-rpn.head.conv(.0.0)                      proposal_generator.rpn_head.conv
+backbone.fpn.inner_blocks.0(.0)          backbone.fpn_lateral2(.norm)
+backbone.fpn.layer_blocks.0(.0)          backbone.fpn_output2(.norm)
+rpn.head.conv(.0.0)                      proposal_generator.rpn_head.conv(.conv0, .conv1)
+-                                        roi_heads.box_head.conv1(.norm)
 rpn.head.cls_logits / bbox_pred          proposal_generator.rpn_head.objectness_logits / anchor_deltas
 roi_heads.box_head.fc6 / fc7             roi_heads.box_head.fc1 / fc2
 roi_heads.box_predictor.cls_score        roi_heads.box_predictor.cls_score
 roi_heads.box_predictor.bbox_pred        roi_heads.box_predictor.bbox_pred
-roi_heads.mask_head.0.0 (mask_fcn1)      roi_heads.mask_head.mask_fcn1
+roi_heads.mask_head.0.0 (mask_fcn1)      roi_heads.mask_head.mask_fcn1(.norm)
 roi_heads.mask_predictor.conv5_mask      roi_heads.mask_head.deconv
 roi_heads.mask_predictor.mask_fcn_logits roi_heads.mask_head.predictor
 
@@ -25,6 +26,13 @@ published COCO weights predate them and use the shorter ones, so both match.
 Bare ImageNet backbones drop the `backbone.body.` (torchvision `resnet50`) or
 `backbone.bottom_up.` prefix; Caffe2-era Detectron2 backbones (`R-50.pkl`)
 use names like `res2_0_branch2a_w`, renamed first by `c2_to_detectron2`.
+
+The `.norm` tensors are those of Detectron2's normed models, such as the R50 LSJ
+baseline (`new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ`): batch norm (SyncBN)
+after the FPN convs and the box and mask head convs, which then have no bias.
+They land where `norm='bn'` keeps them: the FPN's `lateral_norm_c2` and
+`output_norm_c2`, the heads' `norm1`..`norm4`. Behind the box head's convs
+("4conv1fc"), `fc1` flattens the last conv's (C, 7, 7) map, C its channels.
 """
 
 import dataclasses
@@ -127,6 +135,10 @@ DETECTRON2_RULES: list[Rule] = [
      lambda m: _layer(('neck', f'lateral_c{m[1]}'), m[2], 'conv')),
     (rf'backbone\.fpn_output(\d)\.{_W}',
      lambda m: _layer(('neck', f'output_c{m[1]}'), m[2], 'conv')),
+    (rf'backbone\.fpn_lateral(\d)\.norm\.{_N}',
+     lambda m: _norm(('neck', f'lateral_norm_c{m[1]}'), m[2])),
+    (rf'backbone\.fpn_output(\d)\.norm\.{_N}',
+     lambda m: _norm(('neck', f'output_norm_c{m[1]}'), m[2])),
     (rf'proposal_generator\.rpn_head\.conv\.conv(\d+)\.{_W}',
      lambda m: _layer(('rpn_head', f'conv{m[1]}'), m[2], 'conv')),
     (rf'proposal_generator\.rpn_head\.conv\.{_W}',
@@ -135,6 +147,10 @@ DETECTRON2_RULES: list[Rule] = [
      lambda m: _layer(('rpn_head', 'objectness'), m[1], 'conv')),
     (rf'proposal_generator\.rpn_head\.anchor_deltas\.{_W}',
      lambda m: _layer(('rpn_head', 'deltas'), m[1], 'conv')),
+    (rf'roi_heads\.box_head\.conv(\d+)\.{_W}',
+     lambda m: _layer(('box_predictor', f'conv{m[1]}'), m[2], 'conv')),
+    (rf'roi_heads\.box_head\.conv(\d+)\.norm\.{_N}',
+     lambda m: _norm(('box_predictor', f'norm{m[1]}'), m[2])),
     (rf'roi_heads\.box_head\.fc1\.{_W}',
      lambda m: _layer(('box_predictor', 'fc1'), m[1], 'fc_first')),
     (rf'roi_heads\.box_head\.fc(\d)\.{_W}',
@@ -145,6 +161,8 @@ DETECTRON2_RULES: list[Rule] = [
      lambda m: _layer(('box_predictor', 'bbox_pred'), m[1], 'linear', 'bbox_pred')),
     (rf'roi_heads\.mask_head\.mask_fcn(\d)\.{_W}',
      lambda m: _layer(('mask_predictor', f'conv{m[1]}'), m[2], 'conv')),
+    (rf'roi_heads\.mask_head\.mask_fcn(\d)\.norm\.{_N}',
+     lambda m: _norm(('mask_predictor', f'norm{m[1]}'), m[2])),
     (rf'roi_heads\.mask_head\.deconv\.{_W}',
      lambda m: _layer(('mask_predictor', 'deconv'), m[1], 'deconv')),
     (rf'roi_heads\.mask_head\.predictor\.{_W}',
@@ -179,6 +197,17 @@ def c2_to_detectron2(name: str) -> str:
     if m:
         return f'res{m[1]}.{m[2]}.{_C2_BRANCHES[m[3]]}.{_C2_LEAVES[m[4]]}'
     return name
+
+
+_NORM_AFFINE = re.compile(r'(.+\.norm)\.(weight|bias)')
+
+
+def is_batch_norm(name: str, names) -> bool:
+    """A norm's weight or bias whose module also holds `running_mean`: batch norm
+    (the R50 LSJ heads' SyncBN), not the LayerNorm that ViTDet's heads keep under
+    the same names (see vit_name_maps.py)."""
+    m = _NORM_AFFINE.fullmatch(name)
+    return bool(m) and f'{m[1]}.running_mean' in names
 
 
 def target_of(source: str, name: str) -> Target | None:
