@@ -11,7 +11,8 @@ It measures compile time (lower + compile), inference latency (median of
 `--steps` runs after `--warmup`) and images/s, training images/s (the trainer's
 `train_step` and optimizer, donated state), peak host RSS, peak device memory
 (None on CPU), the steps' FLOPs from XLA's cost analysis (of the step lowered
-with XLA's own convolutions where they run through oneDNN) and the
+with XLA's own convolutions where they run through oneDNN; the loop iterations
+it leaves out added, stage_flops.loop_flops_uncounted) and the
 fraction of `--peak_flops` they achieve (by default a measured matmul rate on
 this machine in the config's dtype, said so in the table).
 
@@ -159,14 +160,21 @@ def _lower_with_xla_convolutions(fn, *args):
 def _xla_flops(fn, compiled, *args) -> float | None:
     """The step's FLOPs as XLA counts them. Where convolutions run as oneDNN custom
     calls, which XLA's cost analysis cannot see, `fn` (a function, not yet jitted)
-    is lowered once more with XLA's own convolutions and that program is counted."""
-    if 'detectax_onednn' not in compiled.as_text():
-        return _flops(compiled)
-    try:
-        cost = _lower_with_xla_convolutions(fn, *args).cost_analysis()
-    except Exception:  # noqa: BLE001 - some backends have none
-        return None
-    return float(cost['flops']) if cost and 'flops' in cost else None
+    is lowered once more with XLA's own convolutions and that program is counted.
+    XLA counts a loop's body once; the convolutions and dots of its other
+    iterations (e.g. `backbone.global_attention_chunks`) are added."""
+    text = compiled.as_text()
+    if 'detectax_onednn' not in text:
+        flops = _flops(compiled)
+    else:
+        try:
+            lowered = _lower_with_xla_convolutions(fn, *args)
+            cost = lowered.cost_analysis()
+        except Exception:  # noqa: BLE001 - some backends have none
+            return None
+        flops = float(cost['flops']) if cost and 'flops' in cost else None
+        text = lowered.as_text(dialect='hlo')
+    return None if flops is None else flops + stage_flops.loop_flops_uncounted(text)
 
 
 def _stages(fn, step, compiled, *args) -> dict:

@@ -16,7 +16,10 @@
 #   - R50-FPN training, batch 8 at 1024x1024, bfloat16 (torchvision under torch.autocast bf16);
 #   - R50-FPN inference, float32, batch 1 at 800x1216 (torchvision in float32);
 #   - ViTDet-B training, batch 4 at 1024x1024, bfloat16, when configs/maskrcnn_vitdet_b_100ep_coco.py
-#     exists (Detectax alone: torchvision has no ViTDet; Detectron2 publishes 0.314 s/image on an A100).
+#     exists (Detectax alone: torchvision has no ViTDet; Detectron2 publishes 0.314 s/image on an A100);
+#   - the compiled memory of a ViTDet-B training step, 1 image at 1024x1024, bfloat16, with and
+#     without backbone.remat (`python -m benchmarks.memory_analysis`, compiled, nothing run; against
+#     Detectron2's published 10.9 GB per image).
 # Each table has images/s, compile time, peak device memory, XLA's FLOPs per step and the achieved
 # rate against the GPU's dense bfloat16 peak (989 TFLOP/s for an H100 or H200 SXM).
 #
@@ -69,6 +72,7 @@ if [ "${GPU_CHECK_TINY:-0}" = 1 ]; then
   r50=tests/tiny_shapes_config.py; vitdet=configs/demo_shapes_vitdet.py
   train_size=(--height=64 --width=64 --batch=2); infer_size=(--height=64 --width=64 --batch=1)
   vit_size=(--height=64 --width=64 --batch=2); steps=(--warmup=0 --steps=1); vit_steps=("${steps[@]}")
+  mem_size=(--height=64 --width=64 --batch=1 --num_classes=3)
   extra=(--num_classes=3)
   # A check of the path, not a measurement: skip timing a 2048^3 matmul for the peak
   # (slow in bfloat16 where XLA's CPU convolutions and matmuls run without oneDNN).
@@ -78,6 +82,7 @@ else
   train_size=(--height=1024 --width=1024 --batch=8); infer_size=(--height=800 --width=1216 --batch=1)
   vit_size=(--height=1024 --width=1024 --batch=4); steps=(--warmup=3 --steps=10)
   vit_steps=(--warmup=2 --steps=6); extra=()
+  mem_size=(--height=1024 --width=1024 --batch=1)
 fi
 
 failed=0
@@ -108,6 +113,20 @@ bench "R50-FPN inference, float32" --config="$r50" "${infer_size[@]}" --mode=inf
 if [ -f "$vitdet" ]; then
   bench "ViTDet-B training, bfloat16" --config="$vitdet" "${vit_size[@]}" --mode=train \
     "${vit_steps[@]}" --config.dtype=bfloat16
+  for remat in False True; do
+    args=(--config="$vitdet" "${mem_size[@]}" --config.dtype=bfloat16
+          --config.model.backbone.remat=$remat)
+    echo "== ViTDet-B training step memory, remat $remat"
+    echo "$PY -m benchmarks.memory_analysis ${args[*]}"
+    log=$(mktemp)
+    timeout "$limit" "$PY" -m benchmarks.memory_analysis "${args[@]}" > "$log" 2>&1
+    rc=$?
+    grep -v '^I[0-9]' "$log"
+    printf '\n### ViTDet-B training step memory, remat %s (exit %s)\n\n```\n%s\n```\n' \
+      "$remat" "$rc" "$(grep -v '^I[0-9]' "$log" | tail -n 20)" >> "$report"
+    [ "$rc" -ne 0 ] && failed=1
+    rm -f "$log"
+  done
 else
   echo "== ViTDet-B: $vitdet does not exist yet; skipped" | tee -a "$report"
 fi

@@ -61,11 +61,16 @@ def op_scopes(hlo_text: str) -> dict[str, str]:
     return scopes
 
 
+_ENCLOSING = re.compile(r'(while|conditional)(\.\d+)?')
+
+
 def summarise(trace_file: str, scopes: dict[str, str], by: str, depth: int
               ) -> tuple[collections.Counter, float]:
     """Sums the durations (us) of the XLA thunks in the trace, by HLO op or by scope.
 
     Thunks on the two XLA threads can overlap, so the sum can exceed the wall time.
+    A loop's or conditional's own thunk spans the thunks of its body, which the
+    trace also holds: it is left out, so that no time counts twice.
     """
     with gzip.open(trace_file, 'rt') as f:
         events = json.load(f)
@@ -73,7 +78,7 @@ def summarise(trace_file: str, scopes: dict[str, str], by: str, depth: int
     totals = collections.Counter()
     for e in events:
         op = e.get('args', {}).get('hlo_op')
-        if e.get('ph') != 'X' or 'dur' not in e or not op:
+        if e.get('ph') != 'X' or 'dur' not in e or not op or _ENCLOSING.fullmatch(op):
             continue
         if by == 'scope':
             parts = [p for p in scopes.get(op, op).split('/') if not p.startswith('jit(')]

@@ -122,11 +122,35 @@ def _computations(hlo_text: str) -> tuple[dict[str, list[str]], str]:
     return comps, entry
 
 
-def hlo_flops(hlo_text: str) -> collections.Counter:
+_OP_AFTER_TUPLE = re.compile(r'\)\S* (\w[\w\-]*)\(')   # `(s32[], f32[..]) while(`
+_KNOWN_TRIPS = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def _trip_count(line: str, comps: dict[str, list[str]]) -> int | None:
+    """Iterations of an HLO `while`: XLA's `known_trip_count` (optimised HLO), else
+    the s32 constant its condition compares the counter against with LT (the
+    loops `lax.scan` and `lax.map` lower to)."""
+    if m := _KNOWN_TRIPS.search(line):
+        return int(m.group(1))
+    cond = re.search(r'condition=%?([\w.\-]+)', line)
+    lines = comps.get(cond.group(1), ()) if cond else ()
+    constants = {m.group(1): int(m.group(2)) for l in lines
+                 if (m := re.match(r'^\s*%?([\w.\-]+) = s32\[\]\S* constant\((\d+)\)', l))}
+    for l in lines:
+        if 'compare(' in l and 'direction=LT' in l:
+            operands = re.findall(r'%?([\w.\-]+)', l.split('compare(')[1].split(')')[0])
+            if operands and operands[-1] in constants:
+                return constants[operands[-1]]
+    return None
+
+
+def hlo_flops(hlo_text: str, loop_trips: bool = True) -> collections.Counter:
     """Convolution and dot FLOPs of an HLO module (text with metadata), by op_name.
 
     An instruction inside a called computation (a `call`, a loop body) has the
-    op_name of its call site in front of its own, and counts once per call site.
+    op_name of its call site in front of its own, and counts once per call site;
+    a `while` body counts once per iteration (`_trip_count`), or once with
+    `loop_trips=False`, as XLA's own cost analysis counts it.
     """
     comps, entry = _computations(hlo_text)
     shapes = {}
@@ -136,28 +160,37 @@ def hlo_flops(hlo_text: str) -> collections.Counter:
                 shapes[m.group(1)] = _dims(m.group(3))
     totals = collections.Counter()
 
-    def visit(comp: str, prefix: str) -> None:
+    def visit(comp: str, prefix: str, times: int) -> None:
         for line in comps.get(comp, ()):
             m = _INSTR.match(line)
-            if not m:
+            op = m.group(4) if m else (t.group(1) if (t := _OP_AFTER_TUPLE.search(line)) else None)
+            if op is None:
                 continue
             own = re.search(r'op_name="([^"]*)"', line)
             name = '/'.join(p for p in (prefix, own.group(1) if own else '') if p)
-            op, operands = m.group(4), re.findall(r'%?([\w.\-]+)', m.group(5).split(')')[0])
-            if op == 'convolution':
-                totals[name] += conv_flops(line, _dims(m.group(3)), shapes[operands[0]],
-                                           shapes[operands[1]])
-            elif op == 'dot':
-                totals[name] += dot_flops(line, _dims(m.group(3)), shapes[operands[0]])
+            if op in ('convolution', 'dot'):
+                operands = re.findall(r'%?([\w.\-]+)', m.group(5).split(')')[0])
+                flops = (conv_flops(line, _dims(m.group(3)), shapes[operands[0]],
+                                    shapes[operands[1]]) if op == 'convolution'
+                         else dot_flops(line, _dims(m.group(3)), shapes[operands[0]]))
+                totals[name] += times * flops
             called = _CALLED.findall(line)
             if b := _BRANCHES.search(line):
                 called += [c.strip().lstrip('%') for c in b.group(1).split(',')]
+            trips = (_trip_count(line, comps) or 1) if op == 'while' and loop_trips else 1
             for c in called:
                 if op not in ('reduce', 'reduce-window', 'scatter', 'select-and-scatter', 'sort',
                               'all-reduce', 'map'):   # reducers hold no dots
-                    visit(c, name)
-    visit(entry, '')
+                    visit(c, name, times * trips)
+    visit(entry, '', 1)
     return totals
+
+
+def loop_flops_uncounted(hlo_text: str) -> float:
+    """The convolution and dot FLOPs of a module's loop iterations after the first,
+    which XLA's cost analysis (one pass over each loop body) leaves out."""
+    return float(sum(hlo_flops(hlo_text).values()) -
+                 sum(hlo_flops(hlo_text, loop_trips=False).values()))
 
 
 def by_stage(totals: collections.Counter) -> dict[str, dict[str, float]]:

@@ -4,7 +4,9 @@
       --workdir=/tmp/maskrcnn_r50_fpn_lsj_100ep_coco
 
 Detectron2's "new baselines" recipe (configs/new_baselines/mask_rcnn_R_50_FPN_100ep_LSJ.py),
-which reaches box AP 44.6 / mask AP 40.3 on val2017 (not yet measured with Detectax):
+which reaches box AP 44.6 / mask AP 40.3 on val2017 (not yet measured with Detectax; its
+published weights convert with `convert_checkpoint --source=detectron2 --model_input=bgr`,
+docs/weights.md):
 - model: ResNet-50 (stride in the 1x1 conv) and FPN with SyncBN (batch statistics over the
   global batch), no frozen stage, no pretrained weights; 2-conv RPN head; "4conv1fc" box
   head (4 x 3x3 conv 256 + SyncBN, one fc 1024); mask head convs with SyncBN; BGR input

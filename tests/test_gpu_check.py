@@ -47,6 +47,10 @@ def test_gpu_check_runs_tiny_without_tensorflow(tmp_path):
     for title in ('batch 2, train, bfloat16', 'batch 1, inference, float32'):
         assert title in report, report
     assert 'failed' not in report
+    for remat in ('False', 'True'):   # the compiled memory of the ViTDet step, both ways
+        section = report.split(f'### ViTDet-B training step memory, remat {remat} (exit 0)')[1]
+        assert f'remat {remat}' in section.split('```')[1]
+        assert float(section.split('arguments_plus_temporaries')[1].split()[0]) > 0
     for row in ('train images/s', 'train compile (s)', 'inference images/s'):
         cells = [line for line in report.splitlines() if line.startswith(f'| {row} |')]
         assert cells and float(cells[0].split('|')[2]) > 0, (row, report)

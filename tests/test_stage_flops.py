@@ -68,6 +68,21 @@ def test_an_op_in_a_called_function_counts_once_per_call_with_its_callers_path()
     assert stages['fpn']['forward'] == 2 * 8 * 8 * 16
 
 
+def test_a_loop_body_counts_once_per_iteration_where_xla_counts_it_once():
+    a, b = jnp.ones((5, 8, 16)), jnp.ones((16, 4))
+
+    def step(a, b):
+        with jax.named_scope('body'):
+            return jax.lax.map(lambda x: x @ b, a)
+    ours, xla, stages = _counted(step, a, b)
+    assert ours == stages['body']['forward'] == 5 * 2 * 8 * 16 * 4
+    assert xla == pytest.approx(2 * 8 * 16 * 4, rel=0.05)   # one pass over the body
+    text = jax.jit(step).lower(a, b).as_text(dialect='hlo')
+    assert stage_flops.loop_flops_uncounted(text) == 4 * 2 * 8 * 16 * 4
+    compiled = jax.jit(step).lower(a, b).compile().as_text()   # XLA's known_trip_count
+    assert sum(stage_flops.hlo_flops(compiled).values()) == ours
+
+
 class _Tiny(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -95,3 +110,19 @@ def test_module_paths_name_the_stage_and_the_backward_pass():
     assert stage_flops.stage_of('MaskRCNN.extract_features/neck/output_c2') == 'fpn'
     assert stage_flops.stage_of('optax/adam') == 'other'
     assert stage_flops.is_backward('transpose(jvp(MaskRCNN))/MaskRCNN.propose/rpn_head')
+
+
+def test_stage_time_counts_a_loops_body_thunks_not_the_loop_around_them(tmp_path):
+    import gzip
+    import json
+
+    from benchmarks import profile_step
+    events = [{'ph': 'X', 'dur': dur, 'args': {'hlo_op': op}} for op, dur in
+              (('while.5', 100.0), ('dot_fusion', 60.0), ('copy.3', 30.0), ('conditional', 9.0))]
+    trace = tmp_path / 'trace.json.gz'
+    with gzip.open(trace, 'wt') as f:
+        json.dump({'traceEvents': events}, f)
+    scopes = {'while.5': 'jit(step)/body/attn/while', 'dot_fusion': 'jit(step)/body/attn/dot',
+              'copy.3': 'jit(step)/neck/copy', 'conditional': 'jit(step)/body/cond'}
+    totals, total = profile_step.summarise(str(trace), scopes, 'scope', 1)
+    assert totals == {'body': 60.0, 'neck': 30.0} and total == 90.0
