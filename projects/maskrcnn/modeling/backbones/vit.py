@@ -224,7 +224,8 @@ def drop_path(x: jnp.ndarray, rate: float, rng: jax.Array) -> jnp.ndarray:
 
 
 class Block(nn.Module):
-    """One transformer block; window > 0 attends inside windows, 0 globally.
+    """One transformer block; window > 0 attends inside windows, 0 globally
+    (in `query_chunks` groups of query rows where > 1, `attend_in_chunks`).
 
     The residual stream stays float32 (Detectron2 under AMP adds float16
     branches to a float32 stream); LayerNorms run in float32.
