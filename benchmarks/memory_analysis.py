@@ -37,19 +37,29 @@ from projects.maskrcnn import steps as step_lib
 from projects.maskrcnn.model import MaskRCNNModel
 from projects.maskrcnn.modeling import registry
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'ml_collections config file.',
-                                          lock_config=False)
-_HEIGHT = flags.DEFINE_integer('height', 1024, 'Image height (padded batch size).')
-_WIDTH = flags.DEFINE_integer('width', 1024, 'Image width (padded batch size).')
-_BATCH = flags.DEFINE_integer('batch', 1, 'Images per step.')
-_NUM_CLASSES = flags.DEFINE_integer('num_classes', 80, 'Foreground classes.')
-_BACKBONE_ONLY = flags.DEFINE_bool('backbone_only', False,
-                                   "Compile only the backbone's forward and backward (the "
-                                   'gradient of the sum of squares of its maps).')
+# The command's flags, defined by `define_flags` when run as a command (importing the
+# module defines none, so tests and other commands can import it).
+FLAGS = None
 
-_CPU_SCHEDULE = flags.DEFINE_enum(
-    'cpu_schedule', 'memory', ['memory', 'concurrency'],
-    "XLA:CPU's operation order: memory-minimising, or its default (concurrency).")
+
+def define_flags() -> None:
+    """Defines the command's flags (absl allows each name once per process)."""
+    global FLAGS  # pylint: disable=global-statement
+    FLAGS = {
+        'config': config_flags.DEFINE_config_file('config', None, 'ml_collections config file.',
+                                                  lock_config=False),
+        'height': flags.DEFINE_integer('height', 1024, 'Image height (padded batch size).'),
+        'width': flags.DEFINE_integer('width', 1024, 'Image width (padded batch size).'),
+        'batch': flags.DEFINE_integer('batch', 1, 'Images per step.'),
+        'num_classes': flags.DEFINE_integer('num_classes', 80, 'Foreground classes.'),
+        'backbone_only': flags.DEFINE_bool(
+            'backbone_only', False, "Compile only the backbone's forward and backward (the "
+            'gradient of the sum of squares of its maps).'),
+        'cpu_schedule': flags.DEFINE_enum(
+            'cpu_schedule', 'memory', ['memory', 'concurrency'],
+            "XLA:CPU's operation order: memory-minimising, or its default (concurrency)."),
+    }
+
 
 GB = 1e9
 SCHEDULER_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler'
@@ -122,29 +132,30 @@ def report(memory) -> dict[str, float]:
 
 def main(argv):
     del argv
-    set_cpu_schedule(_CPU_SCHEDULE.value)
-    config = _CONFIG.value
-    if _BACKBONE_ONLY.value:
-        step, state, batch = abstract_backbone_step(config, _BATCH.value, _HEIGHT.value,
-                                                    _WIDTH.value)
+    value = {name: flag.value for name, flag in FLAGS.items()}
+    set_cpu_schedule(value['cpu_schedule'])
+    config = value['config']
+    size = (value['batch'], value['height'], value['width'])
+    if value['backbone_only']:
+        step, state, batch = abstract_backbone_step(config, *size)
     else:
-        step, state, batch = abstract_step(config, _BATCH.value, _HEIGHT.value, _WIDTH.value,
-                                           _NUM_CLASSES.value)
+        step, state, batch = abstract_step(config, *size, value['num_classes'])
     start = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     seconds = time.perf_counter() - start
     backbone = config.model.backbone
-    what = 'backbone forward and backward' if _BACKBONE_ONLY.value else 'training step'
+    what = 'backbone forward and backward' if value['backbone_only'] else 'training step'
     device = jax.devices()[0]
-    schedule = f', {_CPU_SCHEDULE.value} schedule' if device.platform == 'cpu' else ''
-    print(f'{config.experiment_name} {what}: {_BATCH.value} x {_HEIGHT.value}x{_WIDTH.value}, '
+    schedule = f", {value['cpu_schedule']} schedule" if device.platform == 'cpu' else ''
+    print(f'{config.experiment_name} {what}: {size[0]} x {size[1]}x{size[2]}, '
           f'dtype {config.get("dtype", "float32")}, remat {backbone.get("remat", False)}, '
           f'global_attention_chunks {backbone.get("global_attention_chunks", 1)}, '
           f'{device.device_kind}{schedule}; compiled in {seconds:.0f} s')
     print(compiled.memory_analysis())
-    for name, value in report(compiled.memory_analysis()).items():
-        print(f'  {name:27s} {value:7.2f} GB')
+    for name, amount in report(compiled.memory_analysis()).items():
+        print(f'  {name:27s} {amount:7.2f} GB')
 
 
 if __name__ == '__main__':
+    define_flags()
     app.run(main)

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from benchmarks import memory_analysis
+from projects.maskrcnn import runtime  # noqa: F401 - defines --config: importing both must work
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
