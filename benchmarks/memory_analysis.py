@@ -2,7 +2,8 @@ r"""Compiled memory of one training step: XLA's `memory_analysis()` of the train
 
   python -m benchmarks.memory_analysis --config=configs/maskrcnn_vitdet_b_100ep_coco.py \
       --height=1024 --width=1024 --batch=1 --config.dtype=bfloat16 \
-      [--config.model.backbone.remat=True]
+      [--config.model.backbone.remat=True] [--config.model.backbone.global_attention_chunks=4] \
+      [--cpu_schedule=concurrency]
 
 Nothing is allocated or run: the model is initialised abstractly (jax.eval_shape) and the
 step (`steps.train_step` with the config's optimizer, state donated as the trainer does)
